@@ -1,0 +1,74 @@
+"""Routing losses and the ReMoE adaptive-lambda controller (METHOD.md).
+
+Per-layer losses take one layer's (T, E) gates; E and k are the fine-grained E*G and k*G.
+The counts in every load-balancing term are constants: no gradient flows through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def routed_fraction(gates: torch.Tensor, k: int) -> torch.Tensor:
+    """f_e = (tokens routed to e) / (T k), detached."""
+    T = gates.shape[0]
+    return (gates > 0).sum(dim=0).to(gates.dtype) / (T * k)
+
+
+def switch_aux_loss(probs: torch.Tensor, gates: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK load balancing (Switch form): L_aux = E * sum_e f_e * P_e, P_e = mean_t p_{t,e}."""
+    E = probs.shape[1]
+    return E * (routed_fraction(gates, k) * probs.mean(dim=0)).sum()
+
+
+def l1_loss(gates: torch.Tensor) -> torch.Tensor:
+    """Plain L1 of one layer: (1/T) sum_t sum_e R_{t,e}."""
+    return gates.sum() / gates.shape[0]
+
+
+def lb_l1_loss(gates: torch.Tensor, k: int) -> torch.Tensor:
+    """Load-balancing refined L1 of one layer: (1/T) sum_t sum_e f_e R_{t,e}, f_e = (E/(kT)) #{R_e>0}.
+
+    f_e = E * routed_fraction: the Switch aux-loss formula applied to R instead of softmax probs.
+    """
+    E, T = gates.shape[1], gates.shape[0]
+    f = E * routed_fraction(gates, k)
+    return (f * gates).sum() / T
+
+
+class LambdaController:
+    """lambda_{i+1} = lambda_i * alpha^{sign(target - S_i)}: multiply by alpha while the step's sparsity
+    is below target, divide otherwise. lambda lives in float32 whatever the training precision, and is
+    checkpointed through state_dict()."""
+
+    def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2):
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {target}")
+        if lambda0 <= 0:
+            raise ValueError(f"lambda0 must be > 0, got {lambda0}")
+        if alpha <= 1:
+            raise ValueError(f"alpha must be > 1, got {alpha}")
+        self.target = float(target)
+        self.alpha = torch.tensor(alpha, dtype=torch.float32)
+        self.lam = torch.tensor(lambda0, dtype=torch.float32)
+        self.steps = 0
+
+    @property
+    def value(self) -> float:
+        return float(self.lam)
+
+    def update(self, sparsity: float) -> float:
+        """One optimizer step's update from that step's sparsity; returns the new lambda."""
+        self.lam = self.lam * self.alpha if sparsity < self.target else self.lam / self.alpha
+        self.steps += 1
+        return self.value
+
+    def state_dict(self) -> dict:
+        # plain Python floats: loads under torch.load(weights_only=True)
+        return {"lam": self.value, "alpha": float(self.alpha), "target": self.target, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = torch.tensor(state["lam"], dtype=torch.float32)
+        self.alpha = torch.tensor(state["alpha"], dtype=torch.float32)
+        self.target = float(state["target"])
+        self.steps = int(state["steps"])

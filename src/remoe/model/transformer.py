@@ -1,0 +1,138 @@
+"""The LLaMA-style decoder shared by dense, TopK MoE and ReMoE (METHOD.md "Backbone").
+
+Pre-norm blocks: RMSNorm -> causal GQA attention with RoPE -> residual; RMSNorm -> FFN -> residual.
+The FFN is a SwiGLU (dense, optionally ffn_mult x wider) or an MoELayer. No biases, no dropout,
+untied embedding and head, every weight initialised N(0, init_std).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .moe import MoELayer
+
+
+def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout (Megatron/HF LLaMA)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, S, hd); cos/sin: (S, hd)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        kv = cfg.n_kv_head * cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wk = nn.Linear(cfg.d_model, kv, bias=False)
+        self.wv = nn.Linear(cfg.d_model, kv, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, ffn, bias=False)
+        self.w3 = nn.Linear(d_model, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), x.new_zeros(())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = MoELayer(cfg) if cfg.is_moe else SwiGLU(cfg.d_model, cfg.ffn * cfg.ffn_mult)
+
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        y, router_loss = self.ffn(self.ffn_norm(x))
+        return x + y, router_loss
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    # TopK: Switch aux loss summed over layers. ReMoE: L_reg averaged over layers, i.e. the
+    # 1/(L T) normalisation of METHOD.md (the official code sums; lambda absorbs the factor L).
+    # Dense: 0.
+    router_loss: torch.Tensor
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        cos, sin = rope_cache(cfg)
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
+        self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
+
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        S = idx.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.tok_emb(idx)
+        losses = []
+        for block in self.blocks:
+            x, router_loss = block(x, cos, sin)
+            losses.append(router_loss)
+        logits = self.lm_head(self.norm(x))
+        total = torch.stack(losses).sum() if self.cfg.router == "topk" else torch.stack(losses).mean()
+        return ModelOutput(logits, total)
+
+    # ---- routing statistics (MoE only) -----------------------------------------------------
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def routing_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(routed tokens per expert (L, E), tokens seen per layer (L,)) since the last reset."""
+        layers = self.moe_layers()
+        return (torch.stack([m.routed_counts for m in layers]), torch.stack([m.tokens_seen for m in layers]))
+
+    def reset_routing_counts(self) -> None:
+        for m in self.moe_layers():
+            m.reset_stats()
+
+
+def layer_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-layer share of zero gates, 1 - nnz/(T E), from routing_counts()."""
+    E = counts.shape[-1]
+    return 1.0 - counts.sum(-1).double() / (tokens.double().clamp_min(1) * E)

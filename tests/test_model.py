@@ -1,0 +1,293 @@
+"""Models: parameter counts, exactness of the MoE layer against a naive reference, routing losses,
+the lambda controller, construction errors, and ReMoE reaching its target sparsity."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from remoe.model import LambdaController, ModelConfig, Transformer, layer_sparsity, preset
+from remoe.model.config import PRESETS
+from remoe.model.moe import MoELayer
+from remoe.model.regularizers import l1_loss, lb_l1_loss, switch_aux_loss
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+# ---- parameter counts -----------------------------------------------------------------------
+def test_182m_dense_counts_182_4m():
+    cfg = preset("182m", "dense", vocab_size=50257)
+    assert cfg.padded_vocab_size == 51200
+    total = cfg.param_counts()["total"]
+    assert abs(total - 182.4e6) / 182.4e6 < 0.005
+    assert n_params(Transformer(cfg)) == total
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("variant", ["dense", "topk", "remoe"])
+def test_counts_match_module(name, variant):
+    cfg = preset(name, variant, vocab_size=1000, experts=4, granularity=2)
+    assert n_params(Transformer(cfg)) == cfg.param_counts()["total"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("E,G", [(8, 1), (16, 1), (8, 4)])
+def test_moe_total_and_active(name, E, G):
+    dense = preset(name, "dense", vocab_size=50257).param_counts()
+    for v in ("topk", "remoe"):
+        cfg = preset(name, v, vocab_size=50257, experts=E, topk=1, granularity=G)
+        c = cfg.param_counts()
+        ffn = 3 * cfg.d_model * cfg.ffn
+        router = cfg.d_model * E * G
+        assert c["total"] == dense["total"] + cfg.n_layer * ((E - 1) * ffn + router)
+        assert c["active"] == dense["total"] + cfg.n_layer * router  # k=1: one expert's FFN, any G
+
+
+def test_paper_total_params_with_e8():
+    # PAPER_TABLES: 182M -> 777M, 469M -> 2.58B, 978M -> 5.73B
+    for name, paper in (("182m", 777e6), ("469m", 2.58e9), ("978m", 5.73e9)):
+        total = preset(name, "remoe", vocab_size=50257, experts=8).param_counts()["total"]
+        assert abs(total - paper) / paper < 0.005
+
+
+def test_dense_x8_has_moe_e8_params():
+    d8 = preset("182m", "dense", vocab_size=50257, ffn_mult=8).param_counts()["total"]
+    e8 = preset("182m", "topk", vocab_size=50257, experts=8).param_counts()["total"]
+    router = 12 * 768 * 8
+    assert d8 == e8 - router
+
+
+# ---- exactness of the MoE layer ---------------------------------------------------------------
+def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Loop over tokens and experts, gates recomputed from the formulas (not the router code)."""
+    W = layer.router.weight
+    logits = x @ W.t()
+    if layer.kind == "topk":
+        p = logits.softmax(-1)
+        gates = torch.zeros_like(p)
+        for t in range(x.shape[0]):
+            for e in torch.argsort(p[t], descending=True)[: layer.k].tolist():
+                gates[t, e] = p[t, e]
+    else:
+        gates = torch.clamp(logits, min=0)
+    ex = layer.experts
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros_like(x[t])
+        for e in range(W.shape[0]):
+            if gates[t, e] != 0:
+                h = F.silu(x[t] @ ex.w1[e]) * (x[t] @ ex.w3[e])
+                y = y + gates[t, e] * (h @ ex.w2[e])
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def make_layer(router, E, k, G, d=16, ffn=32, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=1, d_model=d, n_head=2, n_kv_head=1, ffn_hidden=ffn, vocab_size=10,
+                      router=router, experts=E, topk=k, granularity=G)
+    layer = MoELayer(cfg).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+CASES = [(4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 1, 4), (16, 4, 1)]
+
+
+@pytest.mark.parametrize("router", ["topk", "relu"])
+@pytest.mark.parametrize("E,k,G", CASES)
+def test_moe_matches_naive_reference_with_grads(router, E, k, G):
+    layer = make_layer(router, E, k, G)
+    torch.manual_seed(1)
+    x = torch.randn(37, 16, dtype=torch.float64)
+    if router == "relu":
+        w_sum = layer.router.weight.detach().sum(0)
+        x[:5] = -3.0 * w_sum / w_sum.norm()  # push some tokens toward zero gates
+    w = torch.randn(37, 16, dtype=torch.float64)
+
+    def run(fn):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = fn(xx)
+        (y * w).sum().backward()
+        return y.detach(), xx.grad, [p.grad.clone() for p in layer.parameters()]
+
+    y1, gx1, gp1 = run(lambda xx: layer(xx)[0])
+    y2, gx2, gp2 = run(lambda xx: naive_moe(layer, xx))
+    rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-300)).item()  # noqa: E731
+    assert rel(y1, y2) < 1e-10
+    assert rel(gx1, gx2) < 1e-10
+    for a, b in zip(gp1, gp2):
+        assert rel(a, b) < 1e-10
+
+
+def test_relu_tokens_with_no_expert_get_zero_and_cost_nothing():
+    layer = make_layer("relu", 8, 1, 1)
+    torch.manual_seed(2)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.weight[:, 0] = 5.0  # x[:,0] << 0 -> all gates zero
+    x[:20, 0] = -50.0
+    gates, _ = layer.router(x)
+    assert (gates[:20] == 0).all() and (gates[20:] > 0).any()
+    layer.experts.rows_computed = 0
+    y, _ = layer(x)
+    assert (y[:20] == 0).all()
+    nnz = int((gates > 0).sum())
+    assert layer.experts.rows_computed == nnz < 64 * 8  # only non-zero (token, expert) pairs computed
+    counts_per_token = (gates > 0).sum(1)
+    assert counts_per_token.min() == 0 and counts_per_token.max() > 1  # variable experts per token
+
+
+def test_relu_layer_fully_sparse_runs_and_keeps_graph():
+    layer = make_layer("relu", 4, 1, 1)
+    with torch.no_grad():
+        layer.router.weight.fill_(1.0)
+    x = -torch.ones(10, 16, dtype=torch.float64)
+    y, loss = layer(x)
+    assert (y == 0).all() and loss.item() == 0
+    y.sum().backward()
+    assert layer.experts.w1.grad is not None and (layer.experts.w1.grad == 0).all()
+
+
+def test_topk_rows_computed_is_t_times_k():
+    layer = make_layer("topk", 8, 2, 1)
+    layer.experts.rows_computed = 0
+    layer(torch.randn(50, 16, dtype=torch.float64))
+    assert layer.experts.rows_computed == 100
+
+
+def test_topk_gates_are_unrenormalised_softmax_probs():
+    layer = make_layer("topk", 8, 2, 1)
+    x = torch.randn(30, 16, dtype=torch.float64)
+    gates, probs = layer.router(x)
+    p = (x @ layer.router.weight.t()).softmax(-1)
+    assert torch.allclose(probs, p)
+    top = torch.topk(p, 2, dim=-1)
+    assert torch.allclose(gates.gather(1, top.indices), top.values)
+    assert ((gates > 0).sum(1) == 2).all()
+    assert (gates.sum(1) < 1 - 1e-6).all()  # not renormalised
+
+
+# ---- routing losses --------------------------------------------------------------------------
+def test_switch_aux_loss_hand_example():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.9, 0.1]], dtype=torch.float64)
+    gates = torch.zeros_like(probs).scatter(1, probs.argmax(1, keepdim=True), probs.max(1, keepdim=True).values)
+    # f = [3/4, 1/4], P = [0.6, 0.4] -> 2 * (0.45 + 0.1)
+    assert switch_aux_loss(probs, gates, k=1).item() == pytest.approx(1.1, abs=1e-12)
+
+
+def test_lb_l1_and_l1_hand_example_and_no_grad_through_counts():
+    R = torch.tensor([[0.5, 0.0], [0.2, 0.3]], dtype=torch.float64, requires_grad=True)
+    # counts [2, 1], f = E/(kT) * counts = [2, 1]; L = (2*.5 + 2*.2 + 1*.3)/2
+    loss = lb_l1_loss(R, k=1)
+    assert loss.item() == pytest.approx(0.85, abs=1e-12)
+    loss.backward()
+    # d/dR = f_e / T everywhere: the counts are constants
+    assert torch.equal(R.grad, torch.tensor([[1.0, 0.5], [1.0, 0.5]], dtype=torch.float64))
+    assert l1_loss(R.detach()).item() == pytest.approx(0.5, abs=1e-12)
+
+
+def test_model_router_loss_conventions():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 100, (2, 16))
+    for v in ("topk", "remoe"):
+        m = Transformer(preset("tiny", v, vocab_size=100, experts=4)).double()
+        out = m(idx)
+        per_layer = []
+        for b in m.blocks:  # recompute each layer's loss from its gates
+            b.ffn.record_gates = True
+        m(idx)
+        for b in m.blocks:
+            g = b.ffn.last_gates
+            per_layer.append(lb_l1_loss(g, 1) if v == "remoe" else None)
+        if v == "remoe":  # 1/(L T) convention: mean over layers
+            assert out.router_loss.item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-12)
+        assert out.logits.shape == (2, 16, 128)
+
+
+# ---- the controller --------------------------------------------------------------------------
+def test_controller_multiplies_below_target_and_divides_above():
+    c = LambdaController(target=0.75, lambda0=1e-8, alpha=1.2)
+    assert c.lam.dtype == torch.float32
+    assert c.update(0.5) == pytest.approx(1.2e-8, rel=1e-6)
+    assert c.update(0.5) == pytest.approx(1.44e-8, rel=1e-6)
+    assert c.update(0.9) == pytest.approx(1.2e-8, rel=1e-6)
+    assert c.update(0.75) == pytest.approx(1e-8, rel=1e-6)  # at target: divide
+    state = c.state_dict()
+    d = LambdaController(target=0.5, lambda0=1.0, alpha=2.0)
+    d.load_state_dict(state)
+    assert d.value == c.value and d.steps == 4 and d.target == 0.75 and float(d.alpha) == pytest.approx(1.2)
+    assert d.update(0.0) == c.update(0.0)
+
+
+# ---- construction errors ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(experts=0), "experts"),
+        (dict(experts=-2), "experts"),
+        (dict(topk=0), "topk"),
+        (dict(topk=9, experts=8), "topk"),
+        (dict(granularity=5), "granularity"),  # 4*64=256 not divisible by 5
+        (dict(granularity=0), "granularity"),
+        (dict(router="softmax"), "router"),
+        (dict(lambda0=0.0), "lambda0"),
+        (dict(alpha=1.0), "alpha"),
+        (dict(regularizer="l2"), "regularizer"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kw, name):
+    base = dict(PRESETS["tiny"], router="relu", vocab_size=100)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        ModelConfig(**{**base, **kw})
+
+
+def test_unknown_preset_and_variant():
+    with pytest.raises(ValueError, match="size"):
+        preset("7b")
+    with pytest.raises(ValueError, match="model"):
+        preset("tiny", "hash")
+
+
+# ---- the method's central claim, end to end ----------------------------------------------------
+def synthetic_batches(vocab, B, S, seed):
+    """A learnable stream: each sequence repeats a random 8-token motif, shifted."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        motif = torch.randint(0, vocab, (B, 8), generator=g)
+        yield motif.repeat(1, S // 8 + 1)[:, : S + 1]
+
+
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 2)])
+def test_remoe_reaches_target_sparsity(E, k):
+    torch.manual_seed(0)
+    cfg = preset("tiny", "remoe", vocab_size=256, experts=E, topk=k)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    ctl = LambdaController(cfg.target_sparsity, cfg.lambda0, cfg.alpha)
+    traj = []
+    data = synthetic_batches(256, 8, 64, seed=0)
+    for step in range(300):
+        batch = next(data)
+        out = model(batch[:, :-1])
+        lm = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss = lm + ctl.value * out.router_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        counts, tokens = model.routing_counts()
+        s = layer_sparsity(counts, tokens).mean().item()
+        model.reset_routing_counts()
+        ctl.update(s)
+        traj.append(s)
+    tail = sum(traj[-50:]) / 50  # stage III: mean of the last 50 steps
+    print(f"E={E} k={k} target={cfg.target_sparsity:.3f} sparsity every 25 steps:",
+          [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda", ctl.value)
+    assert traj[0] < cfg.target_sparsity - 0.15  # ReLU at init: ~half the gates are zero, well below target
+    assert abs(tail - cfg.target_sparsity) <= 0.05
+    assert math.isfinite(lm.item())
