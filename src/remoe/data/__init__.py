@@ -1,0 +1,3 @@
+from .datamodule import LMDataModule
+
+__all__ = ["LMDataModule"]

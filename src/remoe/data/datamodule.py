@@ -1,0 +1,213 @@
+"""One LightningDataModule for every corpus: documents -> tokens -> packed fixed-length sequences.
+
+Map-style sources (`stdlib`, `text_files`) are tokenized and packed with `datasets.map` once and cached
+on disk under a key of (corpus, tokenizer, seq_len, split); hub corpora (`hf`, e.g. The Pile) stream
+through the same tokenize/pack functions with `datasets`' IterableDataset. Each sequence holds seq_len+1
+tokens of ONE domain (inputs = [:-1], targets = [1:]), so routing can be analysed per domain.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import lightning as L
+import torch
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets.distributed import split_dataset_by_node
+from filelock import FileLock
+from torch.utils.data import DataLoader
+
+from .corpus import expand_files, fingerprint, is_validation, stdlib_documents
+from .tokenizer import cached_bpe, eos_id, load_tokenizer
+
+SOURCES = ("stdlib", "text_files", "hf")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("REMOE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "remoe"))
+
+
+def _get(example: dict, field: str | None, default: str = "all") -> str:
+    """Dotted field lookup ("meta.pile_set_name")."""
+    if not field:
+        return default
+    value = example
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return str(value) if value is not None else default
+
+
+def tokenize_batch(batch: dict, tokenizer, text_field: str, domain_field: str | None) -> dict:
+    n = len(batch[text_field])
+    rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+    enc = tokenizer.encode_batch(batch[text_field])
+    return {"input_ids": [e.ids for e in enc], "domain": [_get(r, domain_field) for r in rows]}
+
+
+def pack_batch(batch: dict, seq_len: int, eos: int) -> dict:
+    """Concatenate documents of the same domain (EOS-separated) and cut blocks of seq_len + 1 tokens."""
+    out_ids, out_dom, buffers = [], [], {}
+    for ids, dom in zip(batch["input_ids"], batch["domain"]):
+        buf = buffers.setdefault(dom, [])
+        buf.extend(ids)
+        buf.append(eos)
+        n = (len(buf) // (seq_len + 1)) * (seq_len + 1)
+        for i in range(0, n, seq_len + 1):
+            out_ids.append(buf[i : i + seq_len + 1])
+            out_dom.append(dom)
+        del buf[:n]
+    return {"input_ids": out_ids, "domain": out_dom}
+
+
+class LMDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: str = "stdlib",
+        seq_len: int = 128,
+        micro_batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        tokenizer: str | None = None,  # None: train a byte-level BPE on the corpus; else name or path
+        vocab_size: int = 4096,  # of the locally trained BPE
+        val_percent: float = 2.0,  # share of documents held out (map-style sources)
+        max_chars: int | None = None,  # stdlib: cap on corpus size
+        files: list[str] | str | None = None,  # text_files: paths or globs; domain = parent folder
+        path: str | None = None,  # hf: dataset on the hub
+        name: str | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        text_field: str = "text",
+        domain_field: str | None = None,
+        streaming: bool = True,
+        shuffle_buffer: int = 10_000,
+        val_sequences: int = 512,  # hf: validation sequences taken from val_split
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source: unknown source {source!r}; choose one of {SOURCES}")
+        self.source, self.seq_len = source, seq_len
+        self.micro_batch_size = micro_batch_size
+        self.eval_batch_size = eval_batch_size or micro_batch_size
+        self.tokenizer_name, self.bpe_vocab = tokenizer, vocab_size
+        self.val_percent, self.max_chars, self.files = val_percent, max_chars, files
+        self.path, self.name, self.train_split, self.val_split = path, name, train_split, val_split
+        self.text_field, self.domain_field = text_field, domain_field
+        self.streaming, self.shuffle_buffer, self.val_sequences = streaming, shuffle_buffer, val_sequences
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.tokenizer = None
+        self.train_ds = self.val_ds = None
+        self.corpus_fingerprint: str | None = None
+
+    # ---- documents and tokenizer ---------------------------------------------------------------
+    def documents(self) -> Dataset:
+        if self.source == "stdlib":
+            return Dataset.from_list(list(stdlib_documents(self.max_chars)))
+        if self.source == "text_files":
+            rows = []
+            for path in expand_files(self.files or []):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    rows.append({"text": f.read(), "domain": os.path.basename(os.path.dirname(path)) or "all",
+                                 "source": os.path.basename(path), "doc_id": os.path.abspath(path)})
+            return Dataset.from_list(rows)
+        raise ValueError("documents() is for map-style sources; hf streams")
+
+    def prepare_tokenizer(self):
+        """Load or train the tokenizer (cheap after the first time); sets self.vocab_size."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.source == "hf" or self.tokenizer_name:
+            if not self.tokenizer_name:
+                raise ValueError("data.tokenizer: hub corpora need a tokenizer name (e.g. gpt2)")
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        else:
+            docs = self._docs = self.documents()
+            self.corpus_fingerprint = fingerprint(
+                [hashlib.sha256(t.encode()).hexdigest() for t in docs["text"]] + list(docs["doc_id"])
+            )
+            self.tokenizer = cached_bpe(
+                self.cache_dir, self.corpus_fingerprint, lambda: iter(list(docs["text"])), self.bpe_vocab
+            )
+        return self.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.prepare_tokenizer().get_vocab_size()
+
+    # ---- packed splits --------------------------------------------------------------------------
+    def _packed_cache_path(self) -> str:
+        tok_hash = hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:12]
+        key = fingerprint([self.source, self.corpus_fingerprint or "", tok_hash, str(self.seq_len),
+                           str(self.val_percent)])
+        return os.path.join(self.cache_dir, f"packed-{self.source}-{key}")
+
+    def prepare_data(self) -> None:
+        self.prepare_tokenizer()
+        if self.source == "hf":
+            return
+        path = self._packed_cache_path()
+        os.makedirs(self.cache_dir, exist_ok=True)
+        with FileLock(path + ".lock"):
+            if os.path.exists(os.path.join(path, "dataset_dict.json")):
+                return
+            docs = getattr(self, "_docs", None) or self.documents()
+            is_val = [is_validation(d, self.val_percent) for d in docs["doc_id"]]
+            tok = functools.partial(tokenize_batch, tokenizer=self.tokenizer, text_field="text",
+                                    domain_field="domain")
+            pack = functools.partial(pack_batch, seq_len=self.seq_len, eos=eos_id(self.tokenizer))
+            splits = {}
+            for split, keep in (("train", False), ("validation", True)):
+                part = docs.select([i for i, v in enumerate(is_val) if v == keep])
+                part = part.map(tok, batched=True, remove_columns=part.column_names)
+                splits[split] = part.map(pack, batched=True, batch_size=1000, remove_columns=part.column_names)
+                if len(splits[split]) == 0:
+                    raise ValueError(f"data: the {split} split holds no sequence of {self.seq_len + 1} tokens")
+            DatasetDict(splits).save_to_disk(path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_ds is not None:
+            return
+        self.prepare_data()
+        if self.source == "hf":
+            self.train_ds, self.val_ds = self._streams()
+            return
+        dd = load_from_disk(self._packed_cache_path())
+        dd.set_format("torch", columns=["input_ids"], output_all_columns=True)
+        self.train_ds, self.val_ds = dd["train"], dd["validation"]
+
+    def _streams(self):
+        tok = functools.partial(tokenize_batch, tokenizer=self.tokenizer, text_field=self.text_field,
+                                domain_field=self.domain_field)
+        pack = functools.partial(pack_batch, seq_len=self.seq_len, eos=eos_id(self.tokenizer))
+
+        def stream(split):
+            ds = load_dataset(self.path, self.name, split=split, streaming=True)
+            if self.trainer is not None and self.trainer.world_size > 1:
+                ds = split_dataset_by_node(ds, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+            cols = ds.column_names or [self.text_field]
+            return ds.map(tok, batched=True, remove_columns=cols).map(pack, batched=True)
+
+        train = stream(self.train_split).shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        val = stream(self.val_split).take(self.val_sequences)
+        return train.with_format("torch"), val.with_format("torch")
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        shuffle = self.source != "hf"
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(self.train_ds, batch_size=self.micro_batch_size, shuffle=shuffle, generator=gen,
+                          drop_last=True, num_workers=self.num_workers, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_ds, batch_size=self.eval_batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate)
+
+
+def collate(rows: list[dict]) -> dict:
+    ids = [r["input_ids"] if torch.is_tensor(r["input_ids"]) else torch.tensor(r["input_ids"]) for r in rows]
+    return {"input_ids": torch.stack(ids).long(), "domain": [r["domain"] for r in rows]}
