@@ -11,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from remoe.pipeline import ConfigError, register_resolvers, train
+from remoe.pipeline import ConfigError, register_resolvers, run
 
 register_resolvers()
 
@@ -19,7 +19,7 @@ register_resolvers()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
-        summary = train(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        summary = run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except ConfigError as e:
         logging.getLogger("remoe").error("config error: %s", e)
         sys.exit(2)

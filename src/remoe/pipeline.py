@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .data.corpus import expand_files
 from .lit import LitLM
 from .model.config import PRESETS, VARIANTS, ModelConfig
-from .runs import SUMMARY, git_commit, package_versions, write_json_atomic
+from .runs import SUMMARY, git_commit, package_versions, read_summary, write_json_atomic
 
 log = logging.getLogger("remoe")
 
@@ -117,29 +117,52 @@ def validate(cfg: DictConfig) -> ModelConfig:
                 with open(path, "rb"):
                     pass
         except (OSError, TypeError) as e:
-            raise ConfigError(f"data.files: {e}") from None
+            raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
     if cfg.data.source not in ("stdlib", "text_files", "hf"):
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
     return mcfg
 
 
 def derive(cfg: DictConfig) -> None:
-    """Fill the values that follow from others: accumulation from the global batch, validation interval
-    in micro-batches; the multirun + DDP pitfall (PITFALLS.md #1)."""
+    """Fill the values that follow from others: micro-batch and accumulation from the global batch,
+    validation interval in micro-batches."""
     micro, accumulate = batch_split(cfg)
     with open_dict(cfg):
         cfg.data.micro_batch_size = micro
         cfg.trainer.accumulate_grad_batches = accumulate
         cfg.trainer.val_check_interval = cfg.size.val_interval * accumulate
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        if multirun and cfg.trainer.strategy == "ddp" and world_size(cfg) > 1 and "SLURM_NTASKS" not in os.environ:
-            # Lightning's ddp re-executes sys.argv (with -m) for the other ranks: each would start the
-            # sweep again. Spawned workers run this grid point only.
-            log.warning("multirun with strategy=ddp: using ddp_spawn so each grid point runs once")
-            cfg.trainer.strategy = "ddp_spawn"
+
+def needs_own_process(cfg: DictConfig) -> bool:
+    """Multirun + multi-process DDP on this machine (PITFALLS.md #1): Lightning's ddp relaunches
+    sys.argv (with -m) for the other ranks, so each would start the sweep again. Such a grid point runs
+    as a plain single-run child process instead. Under SLURM the launcher creates the ranks."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return (multirun and world_size(cfg) > 1 and "SLURM_NTASKS" not in os.environ
+            and str(cfg.trainer.strategy).startswith("ddp") and cfg.trainer.strategy != "ddp_spawn")
+
+
+def run(cfg: DictConfig, run_dir: str) -> dict:
+    """One grid point: in this process, or (multirun + DDP) in a child `train.py` with the same overrides."""
+    if not needs_own_process(cfg):
+        return train(cfg, run_dir)
+    import subprocess
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    validate(cfg)
+    overrides = list(HydraConfig.get().overrides.task)
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *overrides, f'hydra.run.dir="{run_dir}"']
+    log.info("multirun + DDP: running this grid point as %s", " ".join(cmd))
+    proc = subprocess.run(cmd)
+    summary = read_summary(run_dir) or {}
+    if proc.returncode != 0:
+        raise RuntimeError(f"grid point {overrides} failed with exit code {proc.returncode}; see {run_dir}")
+    return summary
 
 
 def _tail_mean(xs: list[float], frac: float = 0.1, cap: int = 50) -> float | None:

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Fast settings for end-to-end runs: a handful of optimizer steps, short validation.
+FAST = ["trainer.max_steps=6", "size.val_interval=3", "size.val_batches=2", "size.ckpt_interval=3",
+        "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/packed-data cache for the whole session (built by the first run)."""
+    d = os.environ.get("REMOE_TEST_CACHE") or str(tmp_path_factory.mktemp("remoe_cache"))
+    return d
+
+
+@pytest.fixture
+def train(cache_dir, tmp_path):
+    """Run `python src/train.py ARGS` as a user would; returns (CompletedProcess, output root)."""
+
+    def run(*args, out=None, timeout=600, check=True):
+        out = Path(out or tmp_path / "out")
+        env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true",
+               "HYDRA_FULL_ERROR": "1"}
+        p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"train.py {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n"
+                                 f"{p.stderr[-6000:]}")
+        return p, out
+
+    return run

@@ -1,0 +1,204 @@
+"""The training pipeline end to end: real Hydra composition, real Lightning Trainer, real W&B offline runs."""
+
+import csv
+import glob
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import FAST, ROOT
+from remoe.pipeline import ConfigError, register_resolvers, validate
+from remoe.runs import read_summary
+from remoe.wandb_offline import offline_runs, read_history
+
+register_resolvers()
+CONF = str(ROOT / "conf")
+REQUIRED = ["status", "model", "size", "experts", "topk", "granularity", "seed", "total_params", "active_params",
+            "steps", "train_tokens", "val_loss", "val_ppl", "sparsity", "lambda", "tokens_per_s", "downstream",
+            "git_commit", "versions"]
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def summaries(root):
+    return sorted(glob.glob(str(Path(root) / "**" / "summary.json"), recursive=True))
+
+
+def metric_series(run_dir, key):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+# ---- composition and validation (no compute) -------------------------------------------------------
+DATA = {"stdlib": [], "text_files": [f"data.files=[{ROOT / 'pyproject.toml'}]"], "hf": ["data.path=x/y", "data.tokenizer=gpt2"],
+        "pile": []}
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "182m", "469m", "978m"])
+@pytest.mark.parametrize("model", ["dense", "topk", "remoe"])
+def test_every_size_and_model_composes_and_validates(size, model):
+    cfg = composed(f"model={model}", f"size={size}")
+    mcfg = validate(cfg)
+    assert mcfg.router == {"dense": None, "topk": "topk", "remoe": "relu"}[model]
+    assert cfg.trainer.precision == cfg.size.precision
+
+
+@pytest.mark.parametrize("data", sorted(DATA))
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+@pytest.mark.parametrize("logger", ["wandb", "csv", "none"])
+def test_every_group_composes(data, trainer, logger):
+    cfg = composed(f"data={data}", f"trainer={trainer}", f"logger={logger}", *DATA[data])
+    validate(cfg)
+    assert cfg.data._target_ == "remoe.data.LMDataModule"
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    if data == "pile":
+        assert cfg.data.path == "monology/pile-uncopyrighted" and cfg.data.tokenizer == "gpt2"
+
+
+def test_paper_recipe_defaults():
+    cfg = composed("size=182m", "model=remoe", "trainer=gpu")
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup) == (5e-4, 5e-5, 0.01)
+    assert (cfg.size.global_batch_size, cfg.size.seq_len, cfg.trainer.max_steps) == (512, 1024, 60000)
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.model.lambda0, cfg.model.alpha) == (1e-8, 1.2)
+    from remoe.pipeline import batch_split
+
+    assert batch_split(cfg) == (8, 64)  # one GPU: 512 = 8 x 64 accumulation
+    assert batch_split(composed("size=182m", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4")) == (8, 2)
+
+
+BAD = [
+    (["experts=0"], "experts"),
+    (["topk=0"], "topk"),
+    (["topk=9"], "topk"),
+    (["granularity=3"], "granularity"),  # tiny ffn_hidden 256
+    (["model.lambda0=0"], "model.lambda0"),
+    (["model.alpha=1.0"], "model.alpha"),
+    (["size.seq_len=4096"], "size.seq_len"),
+    (["trainer=ddp", "trainer.devices=3"], "size.global_batch_size"),
+    (["data=text_files", "data.files=[/nonexistent/*.txt]"], "data.files"),
+    (["trainer.max_steps=0"], "trainer.max_steps"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD)
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        validate(composed(*overrides))
+
+
+def test_bad_override_exits_nonzero_before_building_anything(train, tmp_path):
+    p, out = train("topk=9", *FAST, check=False)
+    assert p.returncode == 2
+    assert "config error: topk:" in p.stdout + p.stderr
+    assert summaries(out) == []  # nothing ran: no summary, no data, no checkpoints
+    assert not glob.glob(str(out / "**" / "checkpoints"), recursive=True)
+    p, _ = train("model=nope", check=False)  # unknown group option: Hydra's own error
+    assert p.returncode != 0 and "model" in p.stderr
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+def test_default_run_end_to_end(train):
+    _, out = train(*FAST)
+    [path] = summaries(out)
+    run = Path(path).parent
+    s = read_summary(run)
+    missing = [k for k in REQUIRED if k not in s]
+    assert not missing, missing
+    assert s["status"] == "completed" and s["model"] == "remoe" and s["size"] == "tiny" and s["steps"] == 6
+    assert s["train_tokens"] == 6 * 32 * 128
+    assert s["val_loss"] > 0 and abs(s["val_ppl"] - 2.718281828 ** s["val_loss"]) < 1e-6 * s["val_ppl"]
+    assert 0 <= s["sparsity"] <= 1 and s["lambda"] > 0 and s["tokens_per_s"] > 0
+    assert s["versions"]["torch"] and s["versions"]["lightning"]
+    for f in (".hydra/config.yaml", "config_resolved.yaml", "metrics.csv", "checkpoints/last.ckpt", "routing.jsonl"):
+        assert (run / f).exists(), f
+    assert OmegaConf.load(run / "config_resolved.yaml").data.source == "stdlib"
+    # W&B offline run with the per-step sparsity and lambda series
+    [wb] = offline_runs(run)
+    hist = read_history(wb)
+    assert len(hist["train/sparsity"]) == 6 and len(hist["train/lambda"]) == 6
+    lam = hist["train/lambda"]
+    assert lam[0] == pytest.approx(1e-8, rel=1e-6)
+    ratios = [b / a for a, b in zip(lam, lam[1:])]
+    assert all(r == pytest.approx(1.2, rel=1e-5) or r == pytest.approx(1 / 1.2, rel=1e-5) for r in ratios)
+    # the controller followed the logged sparsity: x alpha below target, / alpha otherwise
+    for s_i, r in zip(hist["train/sparsity"], ratios):
+        assert (r > 1) == (s_i < 0.875)
+    assert len(hist["sparsity/layer_0"]) == 6 and "val/loss" in hist
+
+
+def test_multirun_2x2_makes_4_runs_and_4_wandb_runs(train):
+    _, out = train("-m", "model=topk,remoe", "seed=1,2", *FAST)
+    assert len(glob.glob(str(out / "multirun" / "default" / "*"))) == 1  # one sweep folder
+    paths = summaries(out)
+    assert len(paths) == 4
+    got = sorted((read_summary(Path(p).parent)["model"], read_summary(Path(p).parent)["seed"]) for p in paths)
+    assert got == [("remoe", 1), ("remoe", 2), ("topk", 1), ("topk", 2)]
+    assert all(read_summary(Path(p).parent)["status"] == "completed" for p in paths)
+    wandb_runs = [w for p in paths for w in offline_runs(Path(p).parent)]
+    assert len(wandb_runs) == 4 and len({os.path.basename(w)[-8:] for w in wandb_runs}) == 4
+    for w in wandb_runs:  # each W&B run holds exactly one job's steps
+        assert len(read_history(w)["train/loss"]) == 6
+
+
+def test_same_seed_same_losses_other_seed_differs(train, tmp_path):
+    args = ["model=remoe", "logger=csv", *FAST]
+    _, a = train(*args, out=tmp_path / "a")
+    _, b = train(*args, out=tmp_path / "b")
+    _, c = train(*args, "seed=7", out=tmp_path / "c")
+    la, lb, lc = (metric_series(Path(summaries(o)[0]).parent, "train/loss") for o in (a, b, c))
+    assert len(la) == 6 and la == lb
+    assert la != lc
+
+
+def test_resume_continues_with_saved_lambda(train, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["model=remoe", "logger=csv", f"hydra.run.dir={run_dir}", "size.val_interval=4", "size.val_batches=2",
+              "size.ckpt_interval=4", "trainer.enable_progress_bar=false"]
+    train(*common, "trainer.max_steps=8")
+    first = read_summary(run_dir)
+    assert first["steps"] == 8
+    train(*common, "trainer.max_steps=12", "resume=true")
+    second = read_summary(run_dir)
+    assert second["steps"] == 12 and second["resumed_from"].endswith("last.ckpt")
+    lam = dict(metric_series(run_dir, "train/lambda"))
+    assert min(lam) == 8  # the resumed run starts at step 8 ...
+    assert lam[8] == pytest.approx(first["lambda"], rel=1e-6)  # ... with the lambda the first run saved
+
+
+def test_ddp_two_cpu_ranks_share_lambda_and_sparsity(train):
+    _, out = train("trainer=ddp", "trainer.devices=2", "logger=csv", *FAST)
+    [path] = summaries(out)
+    s = read_summary(Path(path).parent)
+    assert s["status"] == "completed" and s["world_size"] == 2
+    lam, sp = s["rank_states"]["lambda"], s["rank_states"]["sparsity"]
+    assert len(lam) == 2 and lam[0] == lam[1] and sp[0] == sp[1]
+    assert lam[0] == pytest.approx(s["lambda"])
+
+
+def test_multirun_with_ddp_runs_each_point_once(train):
+    _, out = train("-m", "trainer=ddp", "trainer.devices=2", "logger=csv", "seed=1,2", *FAST)
+    assert len(glob.glob(str(out / "multirun" / "default" / "*"))) == 1
+    paths = summaries(out)
+    assert len(paths) == 2
+    for p in paths:
+        s = read_summary(Path(p).parent)
+        assert s["status"] == "completed" and s["world_size"] == 2 and len(s["rank_states"]["lambda"]) == 2
+
+
+def test_routing_log_file(train):
+    _, out = train("routing_log_interval=2", "logger=none", *FAST)
+    run = Path(summaries(out)[0]).parent
+    lines = [json.loads(x) for x in open(run / "routing.jsonl")]
+    assert [x["step"] for x in lines] == [0, 2, 4]
+    for x in lines:
+        assert len(x["counts"]) == 2 and len(x["counts"][0]) == 8
+        nnz = sum(map(sum, x["counts"]))
+        assert x["sparsity"] == pytest.approx(1 - nnz / (sum(x["tokens"]) * 8))
