@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never use the HF hub: make every hub check answer "offline" at once, without network traffic.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Fast settings for end-to-end runs: a handful of optimizer steps, short validation.
 FAST = ["trainer.max_steps=6", "size.val_interval=3", "size.val_batches=2", "size.ckpt_interval=3",
         "trainer.enable_progress_bar=false"]
@@ -25,7 +28,7 @@ def train(cache_dir, tmp_path):
     def run(*args, out=None, timeout=600, check=True):
         out = Path(out or tmp_path / "out")
         env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true",
-               "HYDRA_FULL_ERROR": "1"}
+               "HYDRA_FULL_ERROR": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=timeout)
         if check and p.returncode != 0:

@@ -53,9 +53,13 @@ def test_every_size_and_model_composes_and_validates(size, model):
 @pytest.mark.parametrize("data", sorted(DATA))
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
 @pytest.mark.parametrize("logger", ["wandb", "csv", "none"])
-def test_every_group_composes(data, trainer, logger):
-    cfg = composed(f"data={data}", f"trainer={trainer}", f"logger={logger}", *DATA[data])
-    validate(cfg)
+@pytest.mark.parametrize("eval_", ["none", "local", "paper"])
+def test_every_group_composes(data, trainer, logger, eval_):
+    cfg = composed(f"data={data}", f"trainer={trainer}", f"logger={logger}", f"eval={eval_}", *DATA[data])
+    if eval_ == "paper":  # needs the hub: validated in test_eval
+        assert len(cfg.eval.tasks) == 7
+    else:
+        validate(cfg)
     assert cfg.data._target_ == "remoe.data.LMDataModule"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     if data == "pile":
@@ -132,10 +136,13 @@ def test_default_run_end_to_end(train):
     for s_i, r in zip(hist["train/sparsity"], ratios):
         assert (r > 1) == (s_i < 0.875)
     assert len(hist["sparsity/layer_0"]) == 6 and "val/loss" in hist
+    # the default pipeline evaluates offline: downstream numbers in the summary and in W&B
+    assert set(s["downstream"]) == {"remoe_cloze", "remoe_choice"}
+    assert "downstream/remoe_choice/acc" in hist
 
 
 def test_multirun_2x2_makes_4_runs_and_4_wandb_runs(train):
-    _, out = train("-m", "model=topk,remoe", "seed=1,2", *FAST)
+    _, out = train("-m", "model=topk,remoe", "seed=1,2", "eval.n_docs=40", *FAST)
     assert len(glob.glob(str(out / "multirun" / "default" / "*"))) == 1  # one sweep folder
     paths = summaries(out)
     assert len(paths) == 4
@@ -149,7 +156,7 @@ def test_multirun_2x2_makes_4_runs_and_4_wandb_runs(train):
 
 
 def test_same_seed_same_losses_other_seed_differs(train, tmp_path):
-    args = ["model=remoe", "logger=csv", *FAST]
+    args = ["model=remoe", "logger=csv", "eval=none", *FAST]
     _, a = train(*args, out=tmp_path / "a")
     _, b = train(*args, out=tmp_path / "b")
     _, c = train(*args, "seed=7", out=tmp_path / "c")
@@ -160,7 +167,7 @@ def test_same_seed_same_losses_other_seed_differs(train, tmp_path):
 
 def test_resume_continues_with_saved_lambda(train, tmp_path):
     run_dir = tmp_path / "run"
-    common = ["model=remoe", "logger=csv", f"hydra.run.dir={run_dir}", "size.val_interval=4", "size.val_batches=2",
+    common = ["model=remoe", "logger=csv", "eval=none", f"hydra.run.dir={run_dir}", "size.val_interval=4", "size.val_batches=2",
               "size.ckpt_interval=4", "trainer.enable_progress_bar=false"]
     train(*common, "trainer.max_steps=8")
     first = read_summary(run_dir)
@@ -174,7 +181,7 @@ def test_resume_continues_with_saved_lambda(train, tmp_path):
 
 
 def test_ddp_two_cpu_ranks_share_lambda_and_sparsity(train):
-    _, out = train("trainer=ddp", "trainer.devices=2", "logger=csv", *FAST)
+    _, out = train("trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", *FAST)
     [path] = summaries(out)
     s = read_summary(Path(path).parent)
     assert s["status"] == "completed" and s["world_size"] == 2
@@ -184,7 +191,7 @@ def test_ddp_two_cpu_ranks_share_lambda_and_sparsity(train):
 
 
 def test_multirun_with_ddp_runs_each_point_once(train):
-    _, out = train("-m", "trainer=ddp", "trainer.devices=2", "logger=csv", "seed=1,2", *FAST)
+    _, out = train("-m", "trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", "seed=1,2", *FAST)
     assert len(glob.glob(str(out / "multirun" / "default" / "*"))) == 1
     paths = summaries(out)
     assert len(paths) == 2
@@ -194,7 +201,7 @@ def test_multirun_with_ddp_runs_each_point_once(train):
 
 
 def test_routing_log_file(train):
-    _, out = train("routing_log_interval=2", "logger=none", *FAST)
+    _, out = train("routing_log_interval=2", "logger=none", "eval=none", *FAST)
     run = Path(summaries(out)[0]).parent
     lines = [json.loads(x) for x in open(run / "routing.jsonl")]
     assert [x["step"] for x in lines] == [0, 2, 4]

@@ -44,6 +44,7 @@ class LitLM(L.LightningModule):
         self.train_tokens, self.train_time = 0, 0.0  # totals over optimizer steps (validation excluded)
         self.sparsity_history: list[float] = []
         self.rank_states: dict | None = None
+        self.tokenizer_json: str | None = None  # set by the pipeline: checkpoints are self-contained
 
     def forward(self, idx: torch.Tensor):
         return self.model(idx)
@@ -158,6 +159,8 @@ class LitLM(L.LightningModule):
 
     # lambda and the controller state travel in the checkpoint, as plain floats
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.tokenizer_json is not None:
+            checkpoint["tokenizer"] = self.tokenizer_json
         if self.controller is not None:
             checkpoint["lambda_controller"] = self.controller.state_dict()
 

@@ -120,6 +120,15 @@ def validate(cfg: DictConfig) -> ModelConfig:
             raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
     if cfg.data.source not in ("stdlib", "text_files", "hf"):
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
+    if cfg.eval.suite != "none":
+        from .eval.run import HubUnavailable, check_tasks
+
+        try:
+            check_tasks(cfg.eval.suite, cfg.eval.tasks)
+        except HubUnavailable as e:
+            raise ConfigError(f"eval: {e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return mcfg
 
 
@@ -165,6 +174,24 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     return summary
 
 
+def evaluate_run(cfg: DictConfig, lit: LitLM, dm, run_dir: str, summary: dict) -> dict:
+    """lm-eval on the trained model, in this process; results stored in the run directory."""
+    from .eval.adapter import RemoeLM
+    from .eval.run import SUITES, evaluate, store
+    from .eval.tasks import build_local_tasks
+
+    e = cfg.eval
+    include = None
+    if e.suite == "local":
+        include = build_local_tasks(dm.validation_texts(), os.path.join(dm.cache_dir, "eval"), n=e.n_docs)
+    lm = RemoeLM(model=lit.model, tokenizer=dm.tokenizer, device=str(lit.device), batch_size=e.batch_size,
+                 dtype=str(cfg.trainer.precision))
+    tasks = list(e.tasks) if e.tasks else list(SUITES[e.suite])
+    results = evaluate(lm, tasks, include_path=include, limit=e.limit,
+                       bootstrap_iters=e.bootstrap_iters, seed=cfg.seed)
+    return store(run_dir, results, e.suite, summary)
+
+
 def _tail_mean(xs: list[float], frac: float = 0.1, cap: int = 50) -> float | None:
     if not xs:
         return None
@@ -198,6 +225,9 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
                        vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint)
         lit = LitLM(model=mcfg.to_dict(), optim=OmegaConf.to_container(cfg.optim, resolve=True),
                     routing_log_interval=cfg.routing_log_interval)
+        lit.tokenizer_json = dm.tokenizer.to_str()
+        if rank_zero_only.rank == 0:
+            dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
         loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -229,8 +259,19 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
             tokens_per_s=lit.train_tokens / lit.train_time if lit.train_time else None,
             fit_time_s=fit_s, resumed_from=ckpt_path, world_size=trainer.world_size, rank_states=lit.rank_states,
         )
+        if cfg.eval.suite != "none" and trainer.is_global_zero:
+            write_json_atomic(os.path.join(run_dir, SUMMARY), summary)  # training is on disk before eval
+            try:
+                evaluate_run(cfg, lit, dm, run_dir, summary)
+            except Exception as e:
+                summary["downstream_error"] = f"{type(e).__name__}: {e}"
+                raise
+            for lg in loggers:
+                lg.log_metrics({f"downstream/{t}/{m}": v for t, row in summary["downstream"].items()
+                                for m, v in row.items() if v is not None}, step=trainer.global_step)
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        if summary["status"] != "completed":
+            summary.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
     finally:
         summary["wall_time_s"] = time.time() - t0

@@ -196,6 +196,14 @@ class LMDataModule(L.LightningDataModule):
         val = stream(self.val_split).take(self.val_sequences)
         return train.with_format("torch"), val.with_format("torch")
 
+    def validation_texts(self, max_docs: int = 2000) -> list[str]:
+        """Held-out documents as text (for the offline evaluation suite), in a fixed order."""
+        if self.source == "hf":
+            ds = load_dataset(self.path, self.name, split=self.val_split, streaming=True)
+            return [str(x[self.text_field]) for x in ds.take(max_docs)]
+        docs = getattr(self, "_docs", None) or self.documents()
+        return [t for t, i in zip(docs["text"], docs["doc_id"]) if is_validation(i, self.val_percent)][:max_docs]
+
     # ---- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         shuffle = self.source != "hf"

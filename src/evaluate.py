@@ -1,0 +1,33 @@
+"""Evaluate a checkpoint with lm-eval: `python src/evaluate.py checkpoint=PATH eval=local|paper`.
+
+Results land in the checkpoint's run directory (summary.json `downstream`, lm_eval_results.json);
+`eval=local` rebuilds the offline tasks from that run's own held-out split.
+"""
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from remoe.eval.run import HubUnavailable, check_tasks, dumps, evaluate_checkpoint
+
+log = logging.getLogger("remoe")
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        if not os.path.isfile(cfg.checkpoint):
+            raise ValueError(f"checkpoint: no such file {cfg.checkpoint!r}")
+        check_tasks(cfg.eval.suite, cfg.eval.tasks)
+    except (HubUnavailable, ValueError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+    results = evaluate_checkpoint(cfg)
+    print(dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Downstream evaluation through lm-eval: the `remoe` model adapter and the offline local task suite."""

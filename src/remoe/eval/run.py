@@ -1,0 +1,125 @@
+"""Evaluate a model with lm-eval and store the results in its run directory.
+
+`downstream` in summary.json: task -> metric -> value, with every metric lm-eval returns (stderr too);
+lm-eval's whole results JSON goes beside it as lm_eval_results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from ..runs import SUMMARY, read_summary, write_json_atomic
+from .tasks import LOCAL_TASKS, PAPER_TASKS
+
+SUITES = {"local": LOCAL_TASKS, "paper": PAPER_TASKS}
+
+
+class HubUnavailable(RuntimeError):
+    pass
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_tasks(suite: str, tasks: list[str] | None, include_path: str | None = None) -> list[str]:
+    """Task names for a suite, each known to lm-eval; raises before any compute."""
+    from lm_eval.tasks import TaskManager
+
+    if suite not in SUITES:
+        raise ValueError(f"eval.suite: unknown suite {suite!r}; choose one of {sorted(SUITES)}")
+    names = list(tasks or SUITES[suite])
+    if suite == "local":
+        unknown = [t for t in names if t not in LOCAL_TASKS]
+    else:
+        tm = TaskManager(include_path=include_path)
+        unknown = [t for t in names if t not in tm.all_tasks]
+    if unknown:
+        raise ValueError(f"eval.tasks: unknown to lm-eval: {unknown}")
+    if suite == "paper" and not hub_reachable():
+        raise HubUnavailable(
+            "eval=paper needs the HuggingFace hub to download ARC, BoolQ, HellaSwag, LAMBADA, PIQA and RACE, "
+            "and it cannot be reached from here. Use eval=local (offline tasks built from the held-out split), "
+            "or run where the hub is reachable (or with those datasets already in the HF cache).")
+    return names
+
+
+def flatten(results: dict) -> dict:
+    """lm-eval's {"task": {"acc,none": v, "acc_stderr,none": s, "alias": ...}} -> {"task": {"acc": v, ...}}."""
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        row = {}
+        for key, value in metrics.items():
+            if key == "alias" or not isinstance(value, (int, float)):
+                continue
+            name = key.split(",")[0]
+            row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+        out[task] = row
+    return out
+
+
+def evaluate(lm, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+             bootstrap_iters: int = 0, seed: int = 0) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, task_manager=TaskManager(include_path=include_path), limit=limit,
+        bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed,
+    )
+
+
+def store(run_dir: str, results: dict, suite: str, summary: dict | None = None) -> dict:
+    """Write lm_eval_results.json and the summary's `downstream` (atomically) into `summary` (default:
+    the run's summary.json); returns downstream."""
+    write_json_atomic(os.path.join(run_dir, "lm_eval_results.json"), results)
+    downstream = flatten(results)
+    summary = summary if summary is not None else (read_summary(run_dir) or {})
+    summary["downstream"] = downstream
+    summary["downstream_meta"] = {"suite": suite, "lm_eval": results.get("versions", {}),
+                                  "n_samples": results.get("n-samples", {})}
+    write_json_atomic(os.path.join(run_dir, SUMMARY), summary)
+    return downstream
+
+
+def dumps(results: dict) -> str:
+    return json.dumps(flatten(results), indent=2, sort_keys=True)
+
+
+def evaluate_checkpoint(cfg) -> dict:
+    """Standalone evaluation of a checkpoint (src/evaluate.py); the local suite is rebuilt from the data
+    config recorded in the run directory."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .adapter import RemoeLM, load_checkpoint
+    from .tasks import build_local_tasks
+
+    ckpt = os.path.abspath(cfg.checkpoint)
+    run_dir = cfg.out or os.path.dirname(os.path.dirname(ckpt))
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    include = None
+    if cfg.eval.suite == "local":
+        resolved = os.path.join(run_dir, "config_resolved.yaml")
+        if not os.path.exists(resolved):
+            raise FileNotFoundError(f"eval=local needs the run's config_resolved.yaml (looked in {run_dir})")
+        dm = instantiate(OmegaConf.load(resolved).data)
+        include = build_local_tasks(dm.validation_texts(), os.path.join(dm.cache_dir, "eval"), n=cfg.eval.n_docs)
+    lm = RemoeLM(model=model, tokenizer=tokenizer, device=cfg.device, batch_size=cfg.eval.batch_size,
+                 dtype=cfg.dtype)
+    tasks = list(cfg.eval.tasks) if cfg.eval.tasks else list(SUITES[cfg.eval.suite])
+    results = evaluate(lm, tasks, include_path=include, limit=cfg.eval.limit,
+                       bootstrap_iters=cfg.eval.bootstrap_iters, seed=cfg.seed)
+    store(run_dir, results, cfg.eval.suite)
+    return results
