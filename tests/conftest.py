@@ -37,3 +37,15 @@ def train(cache_dir, tmp_path):
         return p, out
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(cache_dir, tmp_path_factory):
+    """One real multirun shared by the pipeline and report tests: dense/topk/remoe x seeds 1,2."""
+    out = tmp_path_factory.mktemp("sweep")
+    env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "-m", "model=dense,topk,remoe", "seed=1,2",
+                        "eval.n_docs=30", "name=tiny_sweep", *FAST], cwd=out, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, p.stderr[-5000:]
+    return out

@@ -141,18 +141,20 @@ def test_default_run_end_to_end(train):
     assert "downstream/remoe_choice/acc" in hist
 
 
-def test_multirun_2x2_makes_4_runs_and_4_wandb_runs(train):
-    _, out = train("-m", "model=topk,remoe", "seed=1,2", "eval.n_docs=40", *FAST)
-    assert len(glob.glob(str(out / "multirun" / "default" / "*"))) == 1  # one sweep folder
+def test_multirun_grid_makes_one_run_and_one_wandb_run_per_point(tiny_sweep):
+    out = tiny_sweep  # -m model=dense,topk,remoe seed=1,2
+    assert len(glob.glob(str(out / "multirun" / "tiny_sweep" / "*"))) == 1  # one sweep folder
     paths = summaries(out)
-    assert len(paths) == 4
+    assert len(paths) == 6
     got = sorted((read_summary(Path(p).parent)["model"], read_summary(Path(p).parent)["seed"]) for p in paths)
-    assert got == [("remoe", 1), ("remoe", 2), ("topk", 1), ("topk", 2)]
+    assert got == [(m, s) for m in ("dense", "remoe", "topk") for s in (1, 2)]
     assert all(read_summary(Path(p).parent)["status"] == "completed" for p in paths)
     wandb_runs = [w for p in paths for w in offline_runs(Path(p).parent)]
-    assert len(wandb_runs) == 4 and len({os.path.basename(w)[-8:] for w in wandb_runs}) == 4
+    assert len(wandb_runs) == 6 and len({os.path.basename(w)[-8:] for w in wandb_runs}) == 6
     for w in wandb_runs:  # each W&B run holds exactly one job's steps
         assert len(read_history(w)["train/loss"]) == 6
+    groups = {json.loads(json.dumps(read_summary(Path(p).parent)["name"])) for p in paths}
+    assert groups == {"tiny_sweep"}
 
 
 def test_same_seed_same_losses_other_seed_differs(train, tmp_path):

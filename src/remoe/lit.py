@@ -55,6 +55,11 @@ class LitLM(L.LightningModule):
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
         return lm, out.router_loss, ids[:, :-1].numel()
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.cfg.warmup_topk is not None:  # TopK near-dense warm-up, then the target k
+            warm = self.trainer.global_step < self.cfg.warmup_steps
+            self.model.set_topk(self.cfg.warmup_topk if warm else self.cfg.topk)
+
     def training_step(self, batch, batch_idx):
         if self._step_t0 is None:
             self._step_t0 = time.perf_counter()

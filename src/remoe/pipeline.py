@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .analysis import routing_analysis, settling_step, write_analysis
 from .data.corpus import expand_files
 from .lit import LitLM
 from .model.config import PRESETS, VARIANTS, ModelConfig
@@ -62,6 +63,8 @@ def model_config(cfg: DictConfig, vocab_size: int = 50257) -> ModelConfig:
               "vocab_size": vocab_size}
     if VARIANTS[cfg.model.name] is not None:
         fields.update(experts=cfg.experts, topk=cfg.topk, granularity=cfg.granularity)
+    if not cfg.get("load_balancing", True):  # the ablation: plain L1 (ReMoE), no aux loss (TopK)
+        fields.update(regularizer="l1", aux_loss_coef=0.0)
     try:
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
@@ -155,7 +158,12 @@ def needs_own_process(cfg: DictConfig) -> bool:
 
 
 def run(cfg: DictConfig, run_dir: str) -> dict:
-    """One grid point: in this process, or (multirun + DDP) in a child `train.py` with the same overrides."""
+    """One grid point: in this process, or (multirun + DDP) in a child `train.py` with the same overrides.
+    With skip_completed, a run directory that already holds a completed summary is not trained again."""
+    done = read_summary(run_dir)
+    if cfg.get("skip_completed") and done and done.get("status") == "completed":
+        log.info("skip_completed: %s is already complete", run_dir)
+        return done
     if not needs_own_process(cfg):
         return train(cfg, run_dir)
     import subprocess
@@ -209,6 +217,11 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         "experts": cfg.experts if mcfg.is_moe else None, "topk": cfg.topk if mcfg.is_moe else None,
         "granularity": cfg.granularity if mcfg.is_moe else None, "seed": cfg.seed,
         "target_sparsity": mcfg.target_sparsity if mcfg.is_moe else None,
+        "regularizer": mcfg.regularizer if mcfg.router == "relu" else None,
+        "aux_loss_coef": mcfg.aux_loss_coef if mcfg.router == "topk" else None,
+        "lambda0": mcfg.lambda0 if mcfg.router == "relu" else None,
+        "alpha": mcfg.alpha if mcfg.router == "relu" else None,
+        "ffn_mult": mcfg.ffn_mult,
         "downstream": None, "git_commit": git_commit(), "versions": package_versions(), "run_dir": run_dir,
     }
     if rank_zero_only.rank == 0:
@@ -237,9 +250,12 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
                                                 every_n_train_steps=cfg.size.ckpt_interval),
         ]
         if mcfg.is_moe:
+            from .analysis import FlipProbe
             from .callbacks import RoutingStatsWriter
 
             callbacks.append(RoutingStatsWriter(os.path.join(run_dir, "routing.jsonl"), cfg.routing_log_interval))
+            if cfg.analysis.flip_interval:
+                callbacks.append(FlipProbe(os.path.join(run_dir, "flips.jsonl"), cfg.analysis.flip_interval))
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
         last = os.path.join(ckpt_dir, "last.ckpt")
         ckpt_path = last if cfg.resume and os.path.exists(last) else None
@@ -258,7 +274,11 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
             **{"lambda": lit.controller.value if lit.controller else None},
             tokens_per_s=lit.train_tokens / lit.train_time if lit.train_time else None,
             fit_time_s=fit_s, resumed_from=ckpt_path, world_size=trainer.world_size, rank_states=lit.rank_states,
+            settling_step=settling_step(lit.sparsity_history, mcfg.target_sparsity) if mcfg.router == "relu" else None,
         )
+        if mcfg.is_moe and trainer.is_global_zero and cfg.analysis.batches:
+            write_analysis(os.path.join(run_dir, "routing_analysis.json"),
+                           routing_analysis(lit.model, dm.val_dataloader(), cfg.analysis.batches))
         if cfg.eval.suite != "none" and trainer.is_global_zero:
             write_json_atomic(os.path.join(run_dir, SUMMARY), summary)  # training is on disk before eval
             try:

@@ -37,6 +37,8 @@ class ModelConfig:
     regularizer: str = "lb_l1"  # ReMoE: load-balancing refined L1, or plain "l1"
     lambda0: float = 1e-8  # ReMoE adaptive coefficient: initial value
     alpha: float = 1.2  # ... and multiplicative step
+    warmup_topk: int | None = None  # TopK "near-dense warm-up": this k for the first warmup_steps steps
+    warmup_steps: int = 0
 
     def __post_init__(self):
         def need(ok: bool, name: str, msg: str):
@@ -64,6 +66,9 @@ class ModelConfig:
         )
         need(self.regularizer in REGULARIZERS, "regularizer", f"choose one of {REGULARIZERS}")
         need(self.lambda0 > 0, "lambda0", "must be > 0")
+        if self.warmup_topk is not None:
+            need(self.router == "topk", "warmup_topk", "near-dense warm-up is for the topk router")
+            need(self.topk <= self.warmup_topk <= self.experts, "warmup_topk", f"must be in [topk, experts={self.experts}]")
         need(self.alpha > 1, "alpha", "must be > 1")
 
     # ---- derived sizes -------------------------------------------------------------------

@@ -127,6 +127,11 @@ class Transformer(nn.Module):
         layers = self.moe_layers()
         return (torch.stack([m.routed_counts for m in layers]), torch.stack([m.tokens_seen for m in layers]))
 
+    def set_topk(self, k: int) -> None:
+        """TopK only: route to k (x G) experts from now on (near-dense warm-up)."""
+        for m in self.moe_layers():
+            m.k = m.router.k = k * self.cfg.granularity
+
     def reset_routing_counts(self) -> None:
         for m in self.moe_layers():
             m.reset_stats()

@@ -1,0 +1,225 @@
+"""Paper-style tables from the collected runs: each a DataFrame of display strings, written as Markdown,
+LaTeX (booktabs) and CSV. Several seeds: mean ± std with the seed count n. Rows whose `source` starts
+with "paper" are the paper's own numbers (a different, much larger setting), shown for comparison."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pandas as pd
+
+from . import paper
+
+# Which lm-eval metric stands for a task in the tables (PITFALLS.md #13: the paper's numbers line up with acc).
+TASK_METRIC = {"remoe_cloze": "acc", "remoe_choice": "acc", **{t: "acc" for t in paper.TASKS}}
+TASK_LABEL = {"remoe_cloze": "Cloze", "remoe_choice": "Choice", "arc_challenge": "ARC-c", "arc_easy": "ARC-e",
+              "boolq": "BoolQ", "hellaswag": "HellaSwag", "lambada_openai": "LAMBADA", "piqa": "PIQA", "race": "RACE"}
+STD = dict(regularizer="lb_l1", aux_loss_coef=0.01, lambda0=1e-8, alpha=1.2)
+
+
+def tasks_in(df: pd.DataFrame) -> list[str]:
+    order = list(TASK_LABEL)
+    found = {c.split(":")[1] for c in df.columns if c.startswith("ds:")}
+    return [t for t in order if t in found and f"ds:{t}:{TASK_METRIC[t]}" in df.columns]
+
+
+def with_downstream(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Task accuracies in % as columns named by label, plus Avg. over the tasks a run has."""
+    df = df.copy()
+    labels = []
+    for t in tasks_in(df):
+        label = TASK_LABEL[t]
+        df[label] = df[f"ds:{t}:{TASK_METRIC[t]}"] * 100
+        labels.append(label)
+    if labels:
+        df["Avg."] = df[labels].mean(axis=1)
+        labels.append("Avg.")
+    return df, labels
+
+
+def _standard(df: pd.DataFrame, model: str) -> pd.Series:
+    m = df["model"] == model
+    if model == "remoe":
+        m &= (df["regularizer"] == STD["regularizer"]) & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
+    if model == "topk":
+        m &= df["aux_loss_coef"] == STD["aux_loss_coef"]
+    if model == "dense":
+        m &= df["ffn_mult"] == 1
+    return m
+
+
+def fmt(mean: float, std: float, n: int, digits: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if n > 1 and std is not None and not math.isnan(std):
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def _key(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def aggregate(df: pd.DataFrame, keys: list[str], metrics: dict[str, int], source: str) -> pd.DataFrame:
+    """Group by keys; each metric -> 'mean ± std' with `digits`; n = runs (seeds) per row."""
+    rows = []
+    for key, g in df.groupby(keys, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = {"source": source, **{k: _key(v) for k, v in zip(keys, key)}, "n": len(g)}
+        for col, digits in metrics.items():
+            vals = pd.to_numeric(g[col], errors="coerce").dropna() if col in g else pd.Series(dtype=float)
+            row[col] = fmt(vals.mean() if len(vals) else float("nan"), vals.std(ddof=1) if len(vals) > 1 else None,
+                           len(vals), digits)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _ours(df: pd.DataFrame) -> str:
+    sizes = ",".join(sorted(df["size"].dropna().unique())) if len(df) else "?"
+    tokens = int(df["train_tokens"].max()) if len(df) else 0
+    return f"ours ({sizes}, {tokens / 1e6:.1f}M tokens)"
+
+
+def routing_methods(df: pd.DataFrame) -> pd.DataFrame | None:
+    sel = df[(_standard(df, "dense")) | ((_standard(df, "topk") | _standard(df, "remoe")) &
+             (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1))]
+    if sel.empty:
+        return None
+    sel, cols = with_downstream(sel)
+    out = aggregate(sel, ["size", "model"], {**{c: 2 for c in cols}, "val_loss": 4}, _ours(sel))
+    ref = [{"source": paper.SETTING, "size": "182m", "model": m, "n": 1,
+            **{TASK_LABEL[t]: f"{v:.2f}" for t, v in zip(paper.TASKS, vals)}, "Avg.": f"{sum(vals) / 7:.2f}",
+            "val_loss": f"{paper.VAL_N[m]['182m']:.3f}"} for m, vals in paper.ROUTING.items()]
+    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+
+
+def scaling(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
+    """axis: "size" (N), "experts" (E) or "granularity" (G). Dense rows are the baseline."""
+    moe = (_standard(df, "topk") | _standard(df, "remoe")) & (df["topk"] == 1)
+    if axis == "size":
+        moe &= (df["experts"] == 8) & (df["granularity"] == 1)
+    elif axis == "experts":
+        moe &= df["granularity"] == 1
+    else:
+        moe &= df["experts"] == 8
+    dense = (df["model"] == "dense")
+    sel = df[moe | dense]
+    if df[moe].empty or (df[moe][axis].nunique() < 2 and axis != "size"):
+        return None
+    sel, cols = with_downstream(sel)
+    sel = sel.assign(variant=sel["model"].where(sel["ffn_mult"].fillna(1) == 1,
+                                                "dense×" + sel["ffn_mult"].fillna(1).astype(int).astype(str)))
+    keys = ["variant", "size"] if axis == "size" else ["size", "variant", axis]
+    out = aggregate(sel, keys, {"val_loss": 4, **({"Avg.": 2} if cols else {})}, _ours(sel))
+    ref = []
+    if axis == "size":
+        ref = [{"source": paper.SETTING, "variant": m, "size": s, "n": 1, "val_loss": f"{v:.3f}"}
+               for m, d in paper.VAL_N.items() for s, v in d.items()]
+    elif axis == "experts":
+        ref = [{"source": paper.SETTING, "size": "182m", "variant": m, "experts": e, "n": 1, "val_loss": f"{v:.3f}"}
+               for m, d in paper.VAL_E.items() for e, v in d.items()]
+    else:
+        ref = [{"source": paper.SETTING, "size": "182m", "variant": m, "granularity": g, "n": 1,
+                "val_loss": f"{v:.3f}"} for m, d in paper.VAL_G.items() for g, v in d.items()]
+    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+
+
+def lb_ablation(df: pd.DataFrame) -> pd.DataFrame | None:
+    remoe = (df["model"] == "remoe") & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
+    topk = df["model"] == "topk"
+    sel = df[(remoe | topk) & (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)].copy()
+    sel["LB"] = ["yes" if (r.model == "remoe" and r.regularizer == "lb_l1") or (r.model == "topk" and r.aux_loss_coef > 0)
+                 else "no" for r in sel.itertuples()]
+    if sel.empty or sel["LB"].nunique() < 2:
+        return None
+    sel, cols = with_downstream(sel)
+    out = aggregate(sel, ["size", "model", "LB"], {"val_loss": 4, **({"Avg.": 2} if cols else {})}, _ours(sel))
+    ref = [{"source": paper.SETTING, "size": "182m", "model": m, "LB": lb, "n": 1, "Avg.": f"{v:.2f}"}
+           for (m, lb), v in paper.LB_AVG.items()]
+    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+
+
+def sensitivity(df: pd.DataFrame, param: str) -> pd.DataFrame | None:
+    other = "alpha" if param == "lambda0" else "lambda0"
+    sel = df[(df["model"] == "remoe") & (df[other] == STD[other]) & (df["regularizer"] == "lb_l1")]
+    if sel.empty or sel[param].nunique() < 2:
+        return None
+    out = aggregate(sel, ["size", "experts", param], {"val_loss": 4, "settling_step": 1}, _ours(sel))
+    table = paper.LAMBDA0 if param == "lambda0" else paper.ALPHA
+    ref = [{"source": paper.SETTING, "size": "182m", "experts": 8, param: k, "n": 1, "val_loss": f"{v:.3f}",
+            "settling_step": str(t)} for k, (v, t) in table.items()]
+    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+
+
+def throughput(df: pd.DataFrame, bench: list[dict]) -> pd.DataFrame | None:
+    """Per-run training tokens/s (and bench JSON rows when present); ReMoE's % difference vs TopK."""
+    rows = []
+    moe = df[df["model"].isin(["topk", "remoe"])] if len(df) else df
+    for key, g in moe.groupby(["size", "experts", "granularity"], sort=True) if len(moe) else []:
+        tps = {m: g[g["model"] == m]["tokens_per_s"].mean() for m in ("topk", "remoe")}
+        for m in ("topk", "remoe"):
+            if not math.isnan(tps[m]):
+                diff = "" if m == "topk" or math.isnan(tps["topk"]) else f"{100 * (tps[m] / tps['topk'] - 1):+.2f}%"
+                rows.append({"source": "ours: training runs", "size": key[0], "experts": _key(key[1]),
+                             "granularity": _key(key[2]),
+                             "model": m, "train tokens/s": f"{tps[m]:.0f}", "train TFLOPS": "–", "train diff": diff,
+                             "infer TFLOPS": "–", "infer diff": ""})
+    for b in bench:
+        rows.append({"source": f"ours: bench ({b.get('device', '?')})", "size": b.get("size"),
+                     "experts": b.get("experts"), "granularity": b.get("granularity"), "model": b.get("model"),
+                     "train tokens/s": f"{b.get('train_tokens_per_s', float('nan')):.0f}",
+                     "train TFLOPS": f"{b.get('train_tflops', float('nan')):.3f}", "train diff": b.get("train_diff", ""),
+                     "infer TFLOPS": f"{b.get('infer_tflops', float('nan')):.3f}", "infer diff": b.get("infer_diff", "")})
+    if not rows:
+        return None
+    for size, d in paper.THROUGHPUT.items():
+        for m, (tr, inf) in d.items():
+            tk = d["topk"]
+            rows.append({"source": "paper: 8xA100, TP=1", "size": size, "experts": 8, "granularity": 1, "model": m,
+                         "train tokens/s": "–", "train TFLOPS": f"{tr:.2f}",
+                         "train diff": "" if m == "topk" else f"{100 * (tr / tk[0] - 1):+.2f}%",
+                         "infer TFLOPS": f"{inf:.2f}", "infer diff": "" if m == "topk" else f"{100 * (inf / tk[1] - 1):+.2f}%"})
+    return pd.DataFrame(rows)
+
+
+# ---- renderers --------------------------------------------------------------------------------------
+def _cells(df: pd.DataFrame) -> list[list[str]]:
+    return [[str(c) for c in df.columns]] + [[str(v) for v in row] for row in df.itertuples(index=False)]
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    head, *body = _cells(df)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$"), ("×", r"$\times$"), ("–", "--")):
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    head, *body = _cells(df)
+    lines = [r"\begin{tabular}{" + "l" * len(head) + "}", r"\toprule",
+             " & ".join(_tex_escape(h) for h in head) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex_escape(c) for c in r) + r" \\" for r in body]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pd.DataFrame, out_dir: str, name: str) -> list[str]:
+    from ..runs import write_text_atomic
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for ext, text in (("md", to_markdown(df)), ("tex", to_latex(df)), ("csv", df.to_csv(index=False, lineterminator="\n"))):
+        path = os.path.join(out_dir, f"{name}.{ext}")
+        write_text_atomic(path, text)
+        paths.append(path)
+    return paths

@@ -1,0 +1,95 @@
+"""The report stage over real tiny runs: tables trace back to summaries, broken runs are skipped by
+name, output is byte-identical across invocations, and a multirun regenerates its report by itself."""
+
+import glob
+import logging
+import shutil
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from remoe.report import build_report
+from remoe.report.collect import collect
+from remoe.report.tables import aggregate, to_latex, to_markdown
+from remoe.runs import read_summary
+
+
+def test_renderers_on_a_small_frame():
+    df = pd.DataFrame({"model": ["topk", "remoe_x"], "val": ["1.00 ± 0.10", "0.9"]})
+    assert to_markdown(df) == "| model | val |\n|---|---|\n| topk | 1.00 ± 0.10 |\n| remoe_x | 0.9 |\n"
+    tex = to_latex(df)
+    assert tex.startswith("\\begin{tabular}{ll}\n\\toprule\nmodel & val \\\\\n\\midrule\n")
+    assert "remoe\\_x & 0.9 \\\\" in tex and "1.00 $\\pm$ 0.10" in tex and tex.endswith("\\bottomrule\n\\end{tabular}\n")
+
+
+def test_aggregate_mean_std_and_n():
+    df = pd.DataFrame({"model": ["a", "a", "b"], "x": [1.0, 3.0, 5.0]})
+    out = aggregate(df, ["model"], {"x": 2}, "ours")
+    assert out.to_dict("records") == [{"source": "ours", "model": "a", "n": 2, "x": "2.00 ± 1.41"},
+                                      {"source": "ours", "model": "b", "n": 1, "x": "5.00"}]
+
+
+def test_report_over_a_multirun(tiny_sweep, tmp_path):
+    out = tmp_path / "rep"
+    res = build_report([str(tiny_sweep)], str(out))
+    assert res["runs"] == 6 and res["skipped"] == []
+    t = pd.read_csv(out / "tables" / "routing_methods.csv", dtype=str)
+    ours = t[t["source"].str.startswith("ours")]
+    assert sorted(ours["model"]) == ["dense", "remoe", "topk"] and set(ours["n"]) == {"2"}
+    assert (t["source"].str.startswith("paper")).sum() == 3
+    # every number traces back to the runs' summaries
+    for _, row in ours.iterrows():
+        runs = [read_summary(Path(p).parent) for p in glob.glob(str(tiny_sweep / "**" / "summary.json"), recursive=True)]
+        vals = [r["val_loss"] for r in runs if r["model"] == row["model"]]
+        assert row["val_loss"] == f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+        choice = [100 * r["downstream"]["remoe_choice"]["acc"] for r in runs if r["model"] == row["model"]]
+        assert row["Choice"] == f"{statistics.mean(choice):.2f} ± {statistics.stdev(choice):.2f}"
+    for ext in ("md", "tex", "csv"):
+        assert (out / "tables" / f"routing_methods.{ext}").exists()
+    assert (out / "tables" / "throughput.md").exists()
+    figs = {Path(p).name for p in res["figures"]}
+    assert {"fig_remoe_stages.png", "fig_heatmap_remoe.png", "fig_heatmap_topk.png", "fig_val_curves.png",
+            "fig_layer_sparsity.png", "fig_active_vs_frequency.png", "fig_flip_rate.png"} <= figs
+    index = (out / "README.md").read_text()
+    assert "routing_methods" in index and "fig_remoe_stages.png" in index and "## Missing or failed runs" in index
+
+
+def test_report_is_deterministic(tiny_sweep, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_report([str(tiny_sweep)], str(a))
+    build_report([str(tiny_sweep)], str(b))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.suffix in (".md", ".tex", ".csv"))
+    assert files
+    for f in files:
+        if f.name != "README.md":  # the index names its output folder's runs identically too
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert (a / "README.md").read_text() == (b / "README.md").read_text()
+
+
+def test_corrupt_and_failed_runs_are_skipped_by_name(tiny_sweep, tmp_path, caplog):
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_sweep, root, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    paths = sorted(glob.glob(str(root / "**" / "summary.json"), recursive=True))
+    Path(paths[0]).write_text("{ not json")
+    broken = Path(paths[0]).parent
+    caplog.set_level(logging.WARNING, logger="remoe.report")
+    res = build_report([str(root)], str(tmp_path / "rep"))
+    assert res["runs"] == 5 and [d for d, _ in res["skipped"]] == [str(broken)]
+    assert str(broken) in caplog.text and "corrupt summary.json" in caplog.text
+    assert "corrupt summary.json" in (tmp_path / "rep" / "README.md").read_text()
+    assert len(collect([str(root)]).runs) == 5
+
+
+def test_multirun_leaves_its_report_behind(tiny_sweep):
+    [sweep_dir] = glob.glob(str(tiny_sweep / "multirun" / "tiny_sweep" / "*"))
+    index = Path(sweep_dir) / "report" / "README.md"
+    assert index.exists() and "routing_methods" in index.read_text()
+    assert (Path(sweep_dir) / "report" / "tables" / "routing_methods.md").exists()
+
+
+@pytest.mark.parametrize("n", [0])
+def test_empty_roots_still_write_an_index(tmp_path, n):
+    res = build_report([str(tmp_path / "nothing")], str(tmp_path / "rep"))
+    assert res["runs"] == n and (tmp_path / "rep" / "README.md").exists()
