@@ -18,12 +18,15 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (N, d) rows grouped by expert, counts: (E,) rows per expert. Empty experts are skipped."""
         self.rows_computed += x.shape[0]
+        # unbind once: its backward stacks the per-expert grads in one write, where indexing w[e] per
+        # expert would allocate and fill a zero tensor of the whole stack for each expert
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
             xe = x[start : start + n]
-            outs.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
+            outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
             start += n
         if not outs:
             return x.new_zeros(0, self.w2.shape[-1])

@@ -1,0 +1,63 @@
+"""Throughput benchmarks; ratios against baselines measured in the same process.
+
+  python src/bench.py model --size tiny --precision bf16           # Table 7 layout: train/infer TFLOPS, MFU
+  python src/bench.py layer --E 8 64 128 --G 1 8 --precision fp32 bf16   # MoE layer vs dense (vs Mixtral)
+"""
+
+import argparse
+import json
+
+from remoe.bench.layer import bench_layer
+from remoe.bench.model import bench_models, paper_table
+from remoe.runs import write_json_atomic
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("model")
+    m.add_argument("--size", default="tiny")
+    m.add_argument("--experts", type=int, default=8)
+    m.add_argument("--topk", type=int, default=1)
+    m.add_argument("--granularity", type=int, default=1)
+    m.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--batch", type=int, default=8)
+    m.add_argument("--seq", type=int, default=None)
+    m.add_argument("--reps", type=int, default=5)
+    m.add_argument("--out", default="bench_model.json")
+    la = sub.add_parser("layer")
+    la.add_argument("--E", type=int, nargs="+", default=[8])
+    la.add_argument("--k", type=int, nargs="+", default=[1])
+    la.add_argument("--G", type=int, nargs="+", default=[1])
+    la.add_argument("--d", type=int, default=512)
+    la.add_argument("--ffn", type=int, default=1024)
+    la.add_argument("--tokens", type=int, default=4096)
+    la.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    la.add_argument("--device", default="cpu")
+    la.add_argument("--reps", type=int, default=10)
+    la.add_argument("--out", default="bench_layer.json")
+    a = p.parse_args()
+    if a.cmd == "model":
+        res = bench_models(a.size, a.experts, a.topk, a.granularity, a.precision, a.device, a.batch, a.seq, a.reps)
+        print(paper_table(res))
+    else:
+        rows = []
+        print("| E | k | G | precision | topk/dense | remoe/dense | mixtral/topk (speed-up) | remoe sparsity |")
+        print("|---|---|---|---|---|---|---|---|")
+        for prec in a.precision:
+            for E in a.E:
+                for k in a.k:
+                    for G in a.G:
+                        r = bench_layer(a.d, a.ffn, E, k, G, a.tokens, prec, a.device, a.reps)
+                        rows.append(r)
+                        mx = f"{r['speedup_vs_mixtral']:.2f}x" if r["speedup_vs_mixtral"] else "n/a"
+                        print(f"| {E} | {k} | {G} | {prec} | {r['ratio_topk_vs_dense']:.2f} | "
+                              f"{r['ratio_remoe_vs_dense']:.2f} | {mx} | {r['remoe_sparsity']:.3f} |", flush=True)
+        res = {"rows": rows}
+    write_json_atomic(a.out, res)
+    print(f"-> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Timing and FLOP counting shared by the benchmarks. Ratios, not absolute times, are what to compare:
+every benchmark runs its baseline in the same process, interleaved."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fns(fns: dict[str, Callable[[], None]], device: torch.device, reps: int = 10, warmup: int = 2) -> dict:
+    """Median seconds per call of each fn, the fns interleaved round by round (drift hits all alike)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs PyTorch counts for one call (matmuls and attention), as actually executed."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) on this device in this dtype: the MFU denominator."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fns({"mm": lambda: a @ b}, device, reps=reps, warmup=2)["mm"]
+    return 2 * n**3 / t

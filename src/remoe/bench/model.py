@@ -1,0 +1,96 @@
+"""Model-level throughput: train (fwd+bwd+AdamW) and inference TFLOPS from FLOPs counted by PyTorch's
+FlopCounterMode over one real step, MFU against the matmul peak measured in the same run, and the
+paper's Table 7 layout (ReMoE's % difference vs TopK). ReMoE is benchmarked in its steady state: before
+timing, it is trained on the benchmark batch with the method's own controller (λ0=1e-3, α=1.5) until
+the measured sparsity is within 0.02 of 1 - k/E for 3 steps running."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model import LambdaController, Transformer, layer_sparsity, preset
+from .common import DTYPES, count_flops, matmul_peak, time_fns
+
+
+def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 200) -> float:
+    """Train on the batch with the controller until sparsity is within 0.02 of target 3 steps running.
+    All weights move (hidden states must develop the shared direction that lets ReLU zero gates; a
+    router-only fit cannot), which changes no shape, so no cost, of the timed steps."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ctl = LambdaController(model.cfg.target_sparsity, lambda0=1e-3, alpha=1.5)
+    s, ok = 0.0, 0
+    for _ in range(max_steps):
+        model.reset_routing_counts()
+        out = model(batch[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten()) + ctl.value * out.router_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        s = layer_sparsity(*model.routing_counts()).mean().item()
+        ok = ok + 1 if abs(s - model.cfg.target_sparsity) < 0.02 else 0
+        if ok == 3:
+            break
+        ctl.update(s)
+    model.reset_routing_counts()
+    return s
+
+
+def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularity: int = 1,
+                 precision: str = "bf16", device: str = "cpu", batch: int = 8, seq: int | None = None,
+                 reps: int = 5, vocab: int = 4096, models=("dense", "topk", "remoe")) -> dict:
+    dev, dtype = torch.device(device), DTYPES[precision]
+    peak = matmul_peak(dev, dtype)
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        cfg = preset(size, name, vocab_size=vocab, experts=experts, topk=topk, granularity=granularity)
+        S = seq or cfg.max_seq_len
+        model = Transformer(cfg).to(dev)
+        ids = torch.randint(0, vocab, (batch, S + 1), device=dev)
+        sparsity = calibrate_remoe(model, ids) if name == "remoe" else None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train_step():
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(ids[:, :-1])
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + 0.0 * out.router_loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        @torch.no_grad()
+        def infer_step():
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                model(ids[:, :-1])
+
+        model.train()
+        train_flops = count_flops(train_step)
+        model.eval()
+        infer_flops = count_flops(infer_step)
+        model.train()
+        t_train = time_fns({"t": train_step}, dev, reps=reps)["t"]
+        model.eval()
+        t_infer = time_fns({"t": infer_step}, dev, reps=reps)["t"]
+        tokens = batch * S
+        rows.append({"model": name, "size": size, "experts": experts if name != "dense" else None,
+                     "granularity": granularity if name != "dense" else None, "topk": topk, "device": device,
+                     "precision": precision, "tokens": tokens, "remoe_sparsity": sparsity,
+                     "train_tokens_per_s": tokens / t_train, "infer_tokens_per_s": tokens / t_infer,
+                     "train_tflops": train_flops / t_train / 1e12, "infer_tflops": infer_flops / t_infer / 1e12,
+                     "train_mfu": train_flops / t_train / peak, "infer_mfu": infer_flops / t_infer / peak})
+    by = {r["model"]: r for r in rows}
+    if "topk" in by and "remoe" in by:
+        for key, col in (("train_diff", "train_tflops"), ("infer_diff", "infer_tflops")):
+            by["remoe"][key] = f"{100 * (by['remoe'][col] / by['topk'][col] - 1):+.2f}%"
+    return {"peak_tflops": peak / 1e12, "rows": rows}
+
+
+def paper_table(result: dict) -> str:
+    lines = [f"matmul peak measured here: {result['peak_tflops']:.3f} TFLOPS",
+             "| model | train TFLOPS | train diff | train MFU | infer TFLOPS | infer diff | tokens/s (train) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['train_tflops']:.3f} | {r.get('train_diff', '')} | {100 * r['train_mfu']:.1f}% | "
+                     f"{r['infer_tflops']:.3f} | {r.get('infer_diff', '')} | {r['train_tokens_per_s']:.0f} |")
+    return "\n".join(lines)
