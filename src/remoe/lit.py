@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .callbacks import NonFiniteError
 from .model import LambdaController, ModelConfig, Transformer, layer_sparsity
 
 
@@ -42,7 +43,8 @@ class LitLM(L.LightningModule):
         self._step_t0: float | None = None
         self.tokens_per_step = 0  # global tokens in the current optimizer step, counted from the batches
         self.train_tokens, self.train_time = 0, 0.0  # totals over optimizer steps (validation excluded)
-        self.sparsity_history: list[float] = []
+        self.sparsity_history: list[float] = []  # one per optimizer step since history_start
+        self.history_start = 0
         self.rank_states: dict | None = None
         self.tokenizer_json: str | None = None  # set by the pipeline: checkpoints are self-contained
 
@@ -54,6 +56,9 @@ class LitLM(L.LightningModule):
         out = self.model(ids[:, :-1])
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
         return lm, out.router_loss, ids[:, :-1].numel()
+
+    def on_train_start(self) -> None:
+        self.history_start = self.trainer.global_step  # > 0 when resumed
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self.cfg.warmup_topk is not None:  # TopK near-dense warm-up, then the target k
@@ -73,6 +78,9 @@ class LitLM(L.LightningModule):
             coef = 0.0
         weighted = coef * router_loss
         loss = lm + weighted
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite loss at step {self.trainer.global_step}: lm={lm.item()}, "
+                                 f"router={router_loss.item()}, coef={coef}")
         log = dict(on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/lm_loss", lm, **log)
@@ -86,6 +94,8 @@ class LitLM(L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if not torch.isfinite(norm):
+                raise NonFiniteError(f"non-finite gradient norm at step {self.trainer.global_step}")
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args, **kwargs):

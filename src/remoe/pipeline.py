@@ -19,7 +19,10 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from .analysis import routing_analysis, settling_step, write_analysis
+from .callbacks import FaultCheckpoint
 from .data.corpus import expand_files
 from .lit import LitLM
 from .model.config import PRESETS, VARIANTS, ModelConfig
@@ -200,6 +203,27 @@ def evaluate_run(cfg: DictConfig, lit: LitLM, dm, run_dir: str, summary: dict) -
     return store(run_dir, results, e.suite, summary)
 
 
+def check_checkpoint_matches(path: str, mcfg: ModelConfig) -> None:
+    """Resuming (or evaluating) weights under a different model config is an error, not garbage numbers."""
+    import torch
+
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {}).get("model")
+    if saved is None:
+        raise ConfigError(f"resume: {path} holds no model config")
+    diff = {k: (saved.get(k), v) for k, v in mcfg.to_dict().items() if saved.get(k) != v}
+    if diff:
+        raise ConfigError("resume: the checkpoint was trained with a different model config: " +
+                          ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
+
+
+def _settling(lit: LitLM, mcfg: ModelConfig) -> int | None:
+    """Global step from which ReMoE's sparsity stays within ±0.05 of target (of this process's steps)."""
+    if mcfg.router != "relu":
+        return None
+    i = settling_step(lit.sparsity_history, mcfg.target_sparsity)
+    return None if i is None else lit.history_start + i
+
+
 def _tail_mean(xs: list[float], frac: float = 0.1, cap: int = 50) -> float | None:
     if not xs:
         return None
@@ -248,6 +272,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         callbacks = [
             L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                 every_n_train_steps=cfg.size.ckpt_interval),
+            FaultCheckpoint(ckpt_dir),
         ]
         if mcfg.is_moe:
             from .analysis import FlipProbe
@@ -261,6 +286,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         ckpt_path = last if cfg.resume and os.path.exists(last) else None
         if cfg.resume and ckpt_path is None:
             log.warning("resume=true but %s does not exist: starting from scratch", last)
+        if ckpt_path:
+            check_checkpoint_matches(ckpt_path, mcfg)
         t_fit = time.time()
         trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
         fit_s = time.time() - t_fit
@@ -274,7 +301,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
             **{"lambda": lit.controller.value if lit.controller else None},
             tokens_per_s=lit.train_tokens / lit.train_time if lit.train_time else None,
             fit_time_s=fit_s, resumed_from=ckpt_path, world_size=trainer.world_size, rank_states=lit.rank_states,
-            settling_step=settling_step(lit.sparsity_history, mcfg.target_sparsity) if mcfg.router == "relu" else None,
+            settling_step=_settling(lit, mcfg),
         )
         if mcfg.is_moe and trainer.is_global_zero and cfg.analysis.batches:
             write_analysis(os.path.join(run_dir, "routing_analysis.json"),
@@ -289,6 +316,10 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
             for lg in loggers:
                 lg.log_metrics({f"downstream/{t}/{m}": v for t, row in summary["downstream"].items()
                                 for m, v in row.items() if v is not None}, step=trainer.global_step)
+    except SIGTERMException:
+        summary.update(status="preempted", error="SIGTERM/SIGUSR1: checkpointed to checkpoints/last.ckpt; "
+                       "rerun with resume=true to continue")
+        raise
     except BaseException as e:
         if summary["status"] != "completed":
             summary.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.distributed import split_dataset_by_node
 from filelock import FileLock
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from .corpus import expand_files, fingerprint, is_validation, stdlib_documents
 from .tokenizer import cached_bpe, eos_id, load_tokenizer
@@ -61,6 +61,28 @@ def pack_batch(batch: dict, seq_len: int, eos: int) -> dict:
     return {"input_ids": out_ids, "domain": out_dom}
 
 
+class ResumableBatchSampler(Sampler):
+    """An endless, seeded stream of micro-batches: batch i of rank r is a pure function of (seed, i, r),
+    epoch e shuffled by seed + e and dealt round-robin across ranks. A run resumed at micro-batch i sees
+    exactly the batches an uninterrupted run would (the data position is global_step x accumulation)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"data: {n} sequences cannot fill one batch of {batch_size} on {world} ranks")
+
+    def __iter__(self):
+        i, epoch, perm = self.start, None, None
+        while True:
+            e, j = divmod(i, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+            base = (j * self.world + self.rank) * self.batch_size
+            yield perm[base : base + self.batch_size].tolist()
+            i += 1
+
+
 class LMDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -101,6 +123,7 @@ class LMDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir or default_cache_dir()
         self.tokenizer = None
         self.train_ds = self.val_ds = None
+        self.start_batch = 0  # micro-batches already consumed (set from a checkpoint on resume)
         self.corpus_fingerprint: str | None = None
 
     # ---- documents and tokenizer ---------------------------------------------------------------
@@ -206,10 +229,22 @@ class LMDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        shuffle = self.source != "hf"
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.train_ds, batch_size=self.micro_batch_size, shuffle=shuffle, generator=gen,
-                          drop_last=True, num_workers=self.num_workers, collate_fn=collate)
+        if self.source == "hf":  # streamed: shuffled by a buffer, split by node; restarts from the top on resume
+            return DataLoader(self.train_ds, batch_size=self.micro_batch_size, num_workers=self.num_workers,
+                              collate_fn=collate)
+        t = self.trainer
+        rank, world = (t.global_rank, t.world_size) if t is not None else (0, 1)
+        sampler = ResumableBatchSampler(len(self.train_ds), self.micro_batch_size, self.seed, rank, world,
+                                        self.start_batch)
+        return DataLoader(self.train_ds, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate)
+
+    # the data position travels in Lightning checkpoints (saved at optimizer-step boundaries)
+    def state_dict(self) -> dict:
+        t = self.trainer
+        return {"micro_batches": t.global_step * t.accumulate_grad_batches} if t is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_batch = int(state.get("micro_batches", 0))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_ds, batch_size=self.eval_batch_size, shuffle=False,
