@@ -53,7 +53,10 @@ def test_report_over_a_multirun(tiny_sweep, tmp_path):
     assert {"fig_remoe_stages.png", "fig_heatmap_remoe.png", "fig_heatmap_topk.png", "fig_val_curves.png",
             "fig_layer_sparsity.png", "fig_active_vs_frequency.png", "fig_flip_rate.png"} <= figs
     index = (out / "README.md").read_text()
-    assert "routing_methods" in index and "fig_remoe_stages.png" in index and "## Missing or failed runs" in index
+    assert "routing_methods" in index and "fig_remoe_stages.png" in index and "## Missing, failed or duplicate runs" in index
+    # the claims section states a verdict with the numbers behind it
+    assert "## The paper's claims at this scale" in index
+    assert "ReMoE reaches a lower validation loss than TopK at every E" in index and "(n=2)" in index
 
 
 def test_report_is_deterministic(tiny_sweep, tmp_path):
