@@ -45,7 +45,7 @@ def tiny_sweep(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
     p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "-m", "model=dense,topk,remoe", "seed=1,2",
-                        "eval.n_docs=30", "name=tiny_sweep", *FAST], cwd=out, env=env, capture_output=True, text=True,
+                        "eval.n_docs=30", "name=tiny_sweep", "analysis.flip_interval=2", *FAST], cwd=out, env=env, capture_output=True, text=True,
                        timeout=1200)
     assert p.returncode == 0, p.stderr[-5000:]
     return out
