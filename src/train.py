@@ -5,12 +5,7 @@ with status 2 and a one-line message naming the key, before any data or model is
 """
 
 import logging
-import os
 import sys
-
-# Same config + seed = same numbers across processes: MKL otherwise picks code paths by memory alignment,
-# so two identical runs can differ in the last bits. STRICT keeps results fixed for a given thread count.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig

@@ -163,8 +163,13 @@ def test_same_seed_same_losses_other_seed_differs(train, tmp_path):
     _, b = train(*args, out=tmp_path / "b")
     _, c = train(*args, "seed=7", out=tmp_path / "c")
     la, lb, lc = (metric_series(Path(summaries(o)[0]).parent, "train/loss") for o in (a, b, c))
-    assert len(la) == 6 and la == lb
-    assert la != lc
+    # identical trajectories; a logged value may differ in the 7th digit between processes (CPU reductions
+    # on 2 threads), never the training state: lambda (from integer routing counts) must match exactly
+    assert len(la) == 6 and [s for s, _ in la] == [s for s, _ in lb]
+    assert all(x == pytest.approx(y, rel=1e-6) for (_, x), (_, y) in zip(la, lb))
+    sa, sb = (read_summary(Path(summaries(o)[0]).parent) for o in (a, b))
+    assert sa["lambda"] == sb["lambda"] and sa["val_loss"] == pytest.approx(sb["val_loss"], rel=1e-6)
+    assert any(abs(x - y) > 1e-4 for (_, x), (_, y) in zip(la, lc))
 
 
 def test_resume_continues_with_saved_lambda(train, tmp_path):
