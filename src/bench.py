@@ -4,12 +4,17 @@
   python src/bench.py layer --E 8 64 128 --G 1 8 --precision fp32 bf16   # MoE layer vs dense (vs Mixtral)
 """
 
+from remoe.cpu import reexec_with_malloc_settings
+
+reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-up (remoe/cpu.py)
+
 import argparse
-import json
+import sys
 
 from remoe.bench.layer import bench_layer
 from remoe.bench.model import bench_models, paper_table
-from remoe.runs import write_json_atomic
+from remoe.cpu import malloc_settings
+from remoe.runs import git_commit, package_versions, write_json_atomic
 
 
 def main() -> None:
@@ -55,6 +60,11 @@ def main() -> None:
                         print(f"| {E} | {k} | {G} | {prec} | {r['ratio_topk_vs_dense']:.2f} | "
                               f"{r['ratio_remoe_vs_dense']:.2f} | {mx} | {r['remoe_sparsity']:.3f} |", flush=True)
         res = {"rows": rows}
+    import torch
+
+    res["environment"] = {"argv": sys.argv, "git_commit": git_commit(), "versions": package_versions(),
+                          "torch_threads": torch.get_num_threads(), "malloc": malloc_settings(),
+                          "grouped_mm": hasattr(torch, "_grouped_mm")}
     write_json_atomic(a.out, res)
     print(f"-> {a.out}")
 

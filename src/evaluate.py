@@ -4,6 +4,10 @@ Results land in the checkpoint's run directory (summary.json `downstream`, lm_ev
 `eval=local` rebuilds the offline tasks from that run's own held-out split.
 """
 
+from remoe.cpu import reexec_with_malloc_settings
+
+reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-up (remoe/cpu.py)
+
 import logging
 import os
 import sys

@@ -4,6 +4,10 @@ Thin by design: Hydra composes conf/, remoe.pipeline.train does the work. A bad 
 with status 2 and a one-line message naming the key, before any data or model is built.
 """
 
+from remoe.cpu import reexec_with_malloc_settings
+
+reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-up (remoe/cpu.py)
+
 import logging
 import sys
 

@@ -1,9 +1,12 @@
 """Benchmarks: the CLI runs on tiny and writes valid JSON; no timing assertions (shared, noisy machines).
-The dispatch fast path is checked against the naive reference in bf16 here (float64: test_model.py)."""
+The expert fast paths (torch._grouped_mm and the per-expert mm loop, fp32 and bf16 autocast) are checked
+against the naive token x expert reference here; the float64 loop path in test_model.py."""
 
 import json
 import subprocess
 import sys
+
+import copy
 
 import pytest
 import torch
@@ -11,7 +14,61 @@ import torch
 from conftest import ROOT
 from remoe.bench.layer import bench_layer, remoe_steady_state
 from remoe.bench.model import bench_models
+from remoe.model import experts as experts_mod
+from remoe.model.dispatch import group_by_expert
 from test_model import make_layer, naive_moe
+
+
+def _hard_case(router):
+    """16 fine-grained experts, 2 of which no token is routed to; for ReLU, 6 tokens with no expert."""
+    layer = make_layer(router, 8, 2, 2)
+    torch.manual_seed(3)
+    x = torch.randn(96, 16, dtype=torch.float64)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        layer.router.weight[[0, 5], 0] = -100.0  # experts 0 and 5: never top-k, ReLU gate 0
+        if router == "relu":
+            layer.router.weight[:, 1] = 5.0
+            x[:6, 1] = -50.0  # all gates of tokens 0..5 are zero
+    return layer, x
+
+
+def _run(layer, x, w, dtype=None):
+    layer.zero_grad()
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        y = layer(xx)[0] if dtype else naive_moe(layer, xx)
+    (y.float() * w.float()).sum().backward()
+    return y.detach().double(), xx.grad.double(), [p.grad.double() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "mm_loop"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("router", ["topk", "relu"])
+def test_expert_fast_paths_match_reference(path, dtype, router, monkeypatch):
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    if path == "mm_loop":  # the fallback: as if the kernel had refused these inputs
+        monkeypatch.setattr(experts_mod, "_GMM_BROKEN", {("cpu", t, k) for t in (torch.float32, torch.bfloat16)
+                                                          for k in ("mm", "wgrad")})
+    layer, x = _hard_case(router)
+    w = torch.randn(96, 16, dtype=torch.float64)
+    ref = _run(layer, x, w)
+    fast_layer = copy.deepcopy(layer).float()
+    assert experts_mod._gmm_ok(x.float(), "mm") == (path == "grouped_mm")
+    fast = _run(fast_layer, x.float(), w, dtype)
+
+    routing = group_by_expert(fast_layer.router(x.float())[0])
+    assert routing.counts[0] == 0 and routing.counts[5] == 0  # empty experts are part of the case
+    tol = 1e-5 if dtype == "fp32" else 3e-2
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(fast[0], ref[0]) < tol and rel(fast[1], ref[1]) < tol
+    for (name, _), a, b in zip(layer.named_parameters(), fast[2], ref[2]):
+        assert rel(a, b) < tol, name
+    w13_grad = fast[2][[n for n, _ in layer.named_parameters()].index("experts.w13")]
+    assert (w13_grad[[0, 5]] == 0).all()  # empty experts: exactly zero gradient
+    if router == "relu":
+        assert (fast[0][:6] == 0).all()  # tokens with no active expert output 0
 
 
 @pytest.mark.parametrize("router", ["topk", "relu"])

@@ -79,7 +79,8 @@ def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
         y = torch.zeros_like(x[t])
         for e in range(W.shape[0]):
             if gates[t, e] != 0:
-                h = F.silu(x[t] @ ex.w1[e]) * (x[t] @ ex.w3[e])
+                f = ex.w2.shape[1]
+                h = F.silu(x[t] @ ex.w13[e, :, :f]) * (x[t] @ ex.w13[e, :, f:])
                 y = y + gates[t, e] * (h @ ex.w2[e])
         rows.append(y)
     return torch.stack(rows)
@@ -151,7 +152,7 @@ def test_relu_layer_fully_sparse_runs_and_keeps_graph():
     y, loss = layer(x)
     assert (y == 0).all() and loss.item() == 0
     y.sum().backward()
-    assert layer.experts.w1.grad is not None and (layer.experts.w1.grad == 0).all()
+    assert layer.experts.w13.grad is not None and (layer.experts.w13.grad == 0).all()
 
 
 def test_topk_rows_computed_is_t_times_k():

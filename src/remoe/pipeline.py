@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .analysis import routing_analysis, settling_step, write_analysis
 from .callbacks import FaultCheckpoint
+from .cpu import malloc_settings
 from .data.corpus import expand_files
 from .lit import LitLM
 from .model.config import PRESETS, VARIANTS, ModelConfig
@@ -247,6 +248,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         "alpha": mcfg.alpha if mcfg.router == "relu" else None,
         "ffn_mult": mcfg.ffn_mult,
         "downstream": None, "git_commit": git_commit(), "versions": package_versions(), "run_dir": run_dir,
+        "malloc": malloc_settings(),
     }
     if rank_zero_only.rank == 0:
         with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:

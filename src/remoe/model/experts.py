@@ -1,38 +1,155 @@
-"""The experts: E*G SwiGLU FFNs of ffn_hidden/G units, stored stacked so one parameter holds a layer."""
+"""The experts: E*G SwiGLU FFNs of ffn_hidden/G units, stored stacked so one parameter holds a layer,
+and the fused gather -> grouped GEMMs -> gate-scale -> scatter that runs them.
+
+One autograd Function does the whole expert stage with its backward written out: no per-expert
+autograd nodes, every big buffer allocated once, the gate applied on the (N, ffn/G) hidden instead of
+the (N, d) output, and on torch builds that have it `torch._grouped_mm` runs all experts in one call
+(CPU fp32/bf16, CUDA bf16), with a per-expert `mm` loop as the fallback (float64, older torch, shapes a
+kernel refuses). Per routed pair p = (token t, expert e, gate g):
+    y[t] += g * SwiGLU_e(x[t]) = g * (silu(x[t] W1_e) * (x[t] W3_e)) W2_e
+W1|W3 are stored fused as w13 (E, d, 2f): [..., :f] is the gate branch W1, [..., f:] the up branch W3.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
+
+from .dispatch import Routing
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm, which PyTorch's FlopCounterMode does not count (torch 2.13): each
+    row / contraction slice meets exactly one group's matrix."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # (N, K) x (E, K, M): rows grouped
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (K, N) x (N, M) -> (E, K, M): contraction grouped
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]  # (E, N, K) x (K, M): columns grouped
+
+
+if hasattr(torch, "_grouped_mm") and torch.ops.aten._grouped_mm not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+
+_GMM_BROKEN: set = set()  # (device type, dtype, kind) where torch._grouped_mm raised: use the loop
+
+
+def _gmm_ok(t: torch.Tensor, kind: str) -> bool:
+    if not hasattr(torch, "_grouped_mm") or (t.device.type, t.dtype, kind) in _GMM_BROKEN:
+        return False
+    return t.dtype in (torch.float32, torch.bfloat16) if t.device.type == "cpu" else t.dtype == torch.bfloat16
+
+
+def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int], trans_b: bool = False) -> torch.Tensor:
+    """Grouped a @ b: a (N, K) rows grouped by expert (counts), b (E, K, M) -> (N, M).
+    trans_b: b is (E, M, K) and b[e]^T is used."""
+    bt = b.transpose(-2, -1) if trans_b else b
+    if _gmm_ok(a, "mm"):
+        try:
+            return torch._grouped_mm(a, bt, offs)
+        except RuntimeError:
+            _GMM_BROKEN.add((a.device.type, a.dtype, "mm"))
+    out = a.new_empty(a.shape[0], bt.shape[-1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a[start : start + n], bt[e], out=out[start : start + n])
+            start += n
+    return out
+
+
+def gmm_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-expert a_e^T @ b_e: a (N, K), b (N, M) grouped by expert -> (E, K, M); empty experts get 0."""
+    if _gmm_ok(a, "wgrad"):
+        try:
+            return torch._grouped_mm(a.t(), b, offs)
+        except RuntimeError:
+            _GMM_BROKEN.add((a.device.type, a.dtype, "wgrad"))
+    out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a[start : start + n].t(), b[start : start + n], out=out[e])
+            start += n
+    return out
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _ExpertsFn(torch.autograd.Function):
+    """x (T, d) -> y (T, d) through the routed pairs; differentiable in x, w13, w2 and the gates.
+    The gate multiplies whichever of the hidden h (N, f) and the output o (N, d) is narrower."""
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, gates, token_idx, offs, counts, cdt):
+        with torch.autocast(x.device.type, enabled=False):
+            f, d = w2.shape[1], w2.shape[2]
+            w13c, w2c = w13.to(cdt), w2.to(cdt)
+            g = gates.to(cdt)[:, None]
+            xs = x.to(cdt).index_select(0, token_idx)  # dispatch: (N, d), grouped by expert
+            ab = gmm(xs, w13c, offs, counts)  # (N, 2f) = [x W1 | x W3]
+            silu_a = F.silu(ab[:, :f])
+            h = silu_a * ab[:, f:]
+            if f < d:
+                o = gmm(h * g, w2c, offs, counts)  # already gate-scaled
+                ctx.save_for_backward(xs, ab, silu_a, h, gates, token_idx, offs, w13c, w2c)
+            else:
+                o_raw = gmm(h, w2c, offs, counts)
+                o = o_raw * g
+                ctx.save_for_backward(xs, ab, silu_a, h, gates, token_idx, offs, w13c, w2c, o_raw)
+            y = o.new_zeros(x.shape[0], d).index_add_(0, token_idx, o)  # combine
+        ctx.counts, ctx.dtypes = counts, (x.dtype, w13.dtype, w2.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, ab, silu_a, h, gates, token_idx, offs, w13c, w2c, *o_raw = ctx.saved_tensors
+        counts, (x_dt, w13_dt, w2_dt) = ctx.counts, ctx.dtypes
+        acc = torch.promote_types(xs.dtype, torch.float32)
+        with torch.autocast(dy.device.type, enabled=False):
+            f = w2c.shape[1]
+            g = gates.to(xs.dtype)[:, None]
+            dyg = dy.to(xs.dtype).index_select(0, token_idx)  # (N, d)
+            if o_raw:  # y = g * (h W2)
+                dgates = (dyg * o_raw[0]).sum(-1, dtype=acc)
+                do = dyg * g
+                dw2 = gmm_weight_grad(h, do, offs, counts)  # (E, f, d)
+                dh = gmm(do, w2c, offs, counts, trans_b=True)  # (N, f)
+            else:  # y = (g * h) W2
+                u = gmm(dyg, w2c, offs, counts, trans_b=True)
+                dgates = (h * u).sum(-1, dtype=acc)
+                dw2 = gmm_weight_grad(h * g, dyg, offs, counts)
+                dh = u * g
+            dab = torch.empty_like(ab)  # [d(x W1) | d(x W3)], one buffer for the fused GEMMs
+            dab[:, :f].copy_(torch.ops.aten.silu_backward(dh * ab[:, f:], ab[:, :f]))
+            torch.mul(dh, silu_a, out=dab[:, f:])
+            dw13 = gmm_weight_grad(xs, dab, offs, counts)  # (E, d, 2f)
+            dxs = gmm(dab, w13c, offs, counts, trans_b=True)  # (N, d)
+            dx = dxs.new_zeros(dy.shape[0], dxs.shape[1]).index_add_(0, token_idx, dxs)
+        return dx.to(x_dt), dw13.to(w13_dt), dw2.to(w2_dt), dgates.to(gates.dtype), None, None, None, None
 
 
 class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, ffn: int):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, ffn))  # gate branch
-        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, ffn))  # up branch
+        self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * ffn))  # gate W1 | up W3
         self.w2 = nn.Parameter(torch.empty(n_experts, ffn, d_model))  # down
         self.rows_computed = 0  # work counter: (token, expert) rows fed through an expert
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (N, d) rows grouped by expert, counts: (E,) rows per expert. Empty experts are skipped."""
-        self.rows_computed += x.shape[0]
-        # unbind once: its backward stacks the per-expert grads in one write, where indexing w[e] per
-        # expert would allocate and fill a zero tensor of the whole stack for each expert
-        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            xe = x[start : start + n]
-            outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
-            start += n
-        if not outs:
-            return x.new_zeros(0, self.w2.shape[-1])
-        return torch.cat(outs)
-
-    def zero_touch(self) -> torch.Tensor:
-        """0 * (sum of weights): keeps every weight in the graph when a layer routes no token at all,
-        so DDP's reducer sees a gradient (of zeros) on every rank."""
-        return 0.0 * (self.w1.sum() + self.w2.sum() + self.w3.sum())
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x: (T, d) -> (T, d) = sum over each token's routed pairs of gate * expert output.
+        Only routed pairs are computed; tokens with no pair get 0."""
+        n = routing.token_idx.numel()
+        self.rows_computed += n
+        if n == 0:  # keep every weight in the graph (DDP's reducer needs a grad, of zeros, on every rank)
+            return x.new_zeros(x.shape) + 0.0 * (self.w13.sum() + self.w2.sum()) + 0.0 * routing.weights.sum()
+        offs = torch.cumsum(routing.counts, 0, dtype=torch.int32)
+        counts = routing.counts.tolist()
+        return _ExpertsFn.apply(x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts,
+                                _compute_dtype(x))

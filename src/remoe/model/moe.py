@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .dispatch import combine, group_by_expert
+from .dispatch import group_by_expert
 from .experts import GroupedExperts
 from .regularizers import l1_loss, lb_l1_loss, switch_aux_loss
 from .routers import ReLURouter, TopKRouter
@@ -46,10 +46,7 @@ class MoELayer(nn.Module):
         else:
             loss = l1_loss(gates)
         routing = group_by_expert(gates)
-        out = self.experts(x[routing.token_idx], routing.counts)
-        y = combine(out, routing, x.shape[0])
-        if routing.token_idx.numel() == 0:
-            y = y + self.experts.zero_touch()
+        y = self.experts(x, routing)
         if self.training:
             with torch.no_grad():
                 self.routed_counts += routing.counts

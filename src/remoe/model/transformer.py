@@ -54,12 +54,13 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, ffn: int):
         super().__init__()
-        self.w1 = nn.Linear(d_model, ffn, bias=False)
-        self.w3 = nn.Linear(d_model, ffn, bias=False)
+        self.ffn = ffn
+        self.w13 = nn.Linear(d_model, 2 * ffn, bias=False)  # gate W1 | up W3, one GEMM (as the experts)
         self.w2 = nn.Linear(ffn, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x)), x.new_zeros(())
+        a, b = self.w13(x).split(self.ffn, dim=-1)
+        return self.w2(F.silu(a) * b), x.new_zeros(())
 
 
 class Block(nn.Module):
