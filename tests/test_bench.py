@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import copy
+import os
+import platform
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 from conftest import ROOT
 from remoe.bench.layer import bench_layer, remoe_steady_state
 from remoe.bench.model import bench_models
+from remoe.cpu import MALLOC_ENV
 from remoe.model import experts as experts_mod
 from remoe.model.dispatch import group_by_expert
 from test_model import make_layer, naive_moe
@@ -102,11 +105,17 @@ def test_model_bench_counts_flops_and_reaches_steady_state():
 
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "b.json"
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "REMOE_MALLOC"}
     p = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "layer", "--E", "4", "--d", "64", "--ffn", "128",
-                        "--tokens", "256", "--reps", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--tokens", "256", "--reps", "1", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
     assert rows[0]["E"] == 4 and rows[0]["ratio_topk_vs_dense"] > 0
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":  # the script re-executed itself once
+        assert res["environment"]["malloc"] == MALLOC_ENV
+    assert res["environment"]["versions"]["torch"] == torch.__version__
     out2 = tmp_path / "m.json"
     p = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "model", "--size", "tiny", "--batch", "2",
                         "--seq", "32", "--reps", "1", "--precision", "fp32", "--out", str(out2)],
@@ -121,3 +130,21 @@ def test_steady_state_threshold_uses_a_constant_feature():
     remoe_steady_state(layer, x, 1)
     g, _ = layer.router(x)
     assert abs((g > 0).float().mean().item() - 1 / 8) < 0.01
+
+
+def test_flop_count_covers_grouped_experts_forward_and_backward():
+    """FlopCounterMode must see the expert GEMMs whichever path runs them (grouped_mm has a registered
+    formula): forward 2*N*d*3f (+ router 2*T*d*E), backward twice that (grads of x and of weights)."""
+    from remoe.bench.common import count_flops
+
+    layer = make_layer("topk", 8, 2, 1, d=32, ffn=64).float()
+    x = torch.randn(100, 32, requires_grad=True)
+    N, d, f, E = 100 * 2, 32, 64, 8
+    fwd = count_flops(lambda: layer(x))
+    assert fwd == 2 * N * d * 3 * f + 2 * 100 * d * E
+
+    def step():
+        y, _ = layer(x)
+        y.sum().backward()
+
+    assert count_flops(step) == 3 * fwd

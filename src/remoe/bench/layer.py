@@ -22,14 +22,26 @@ def remoe_steady_state(layer: MoELayer, x: torch.Tensor, k: int) -> None:
         W[:, 0] = -torch.quantile(logits.float(), 1 - k / W.shape[0], dim=0).to(W.dtype)
 
 
-def mixtral_block(d: int, ffn: int, E: int, k: int):
+def mixtral_block(d: int, ffn: int, E: int, k: int, like: MoELayer | None = None, impl: str = "eager"):
+    """transformers' MixtralSparseMoeBlock with `impl` experts ("eager" loop: the default; "grouped_mm"),
+    holding the weights of our TopK layer `like` (its parameters are created uninitialised)."""
     try:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
     cfg = MixtralConfig(hidden_size=d, intermediate_size=ffn, num_local_experts=E, num_experts_per_tok=k)
-    return MixtralSparseMoeBlock(cfg)
+    cfg._experts_implementation = impl
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        if like is None:
+            for p in block.parameters():
+                torch.nn.init.normal_(p, std=0.02)
+        else:  # same router and experts: Mixtral stores (E, 2f, d) gate|up and (E, d, f) down
+            block.gate.weight.copy_(like.router.weight)
+            block.experts.gate_up_proj.copy_(like.experts.w13.transpose(1, 2))
+            block.experts.down_proj.copy_(like.experts.w2.transpose(1, 2))
+    return block
 
 
 def bench_layer(d: int = 512, ffn: int = 1024, E: int = 8, k: int = 1, G: int = 1, tokens: int = 4096,
@@ -44,15 +56,20 @@ def bench_layer(d: int = 512, ffn: int = 1024, E: int = 8, k: int = 1, G: int = 
             torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(tokens, d, device=dev)
     remoe_steady_state(layers["remoe"], x, k * G)
-    mix = mixtral_block(d, ffn, E, k) if mixtral and G == 1 else None
-    if mix is not None:
-        layers["mixtral"] = mix.to(dev)
+    mixes = []
+    if mixtral and G == 1:  # Mixtral has no fine-grained experts
+        for name, impl in (("mixtral", "eager"), ("mixtral_gmm", "grouped_mm")):
+            block = mixtral_block(d, ffn, E, k, like=layers["topk"], impl=impl)
+            if block is not None:
+                layers[name] = block.to(dev)
+                mixes.append(block)
 
     def step(m):
         def fn():
+            m.zero_grad(set_to_none=True)  # as a training step does: the backward writes fresh grads
             xx = x.detach().requires_grad_()
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                y = m(xx[None] if m is mix else xx)
+                y = m(xx[None] if m in mixes else xx)
             y = y[0] if isinstance(y, tuple) else y
             y.float().sum().backward()
         return fn
@@ -63,4 +80,5 @@ def bench_layer(d: int = 512, ffn: int = 1024, E: int = 8, k: int = 1, G: int = 
     return {"d": d, "ffn": ffn, "E": E, "k": k, "G": G, "tokens": tokens, "precision": precision, "device": device,
             "seconds": t, "remoe_sparsity": float((g == 0).float().mean()),
             "ratio_topk_vs_dense": t["topk"] / t["dense"], "ratio_remoe_vs_dense": t["remoe"] / t["dense"],
-            "speedup_vs_mixtral": (t["mixtral"] / t["topk"]) if "mixtral" in t else None}
+            "speedup_vs_mixtral": (t["mixtral"] / t["topk"]) if "mixtral" in t else None,
+            "speedup_vs_mixtral_gmm": (t["mixtral_gmm"] / t["topk"]) if "mixtral_gmm" in t else None}
