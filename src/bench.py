@@ -17,6 +17,14 @@ from remoe.cpu import malloc_settings
 from remoe.runs import git_commit, package_versions, write_json_atomic
 
 
+def environment() -> dict:
+    import torch
+
+    return {"argv": sys.argv, "git_commit": git_commit(), "versions": package_versions(),
+            "torch_threads": torch.get_num_threads(), "malloc": malloc_settings(),
+            "grouped_mm": hasattr(torch, "_grouped_mm")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -57,17 +65,13 @@ def main() -> None:
                     for G in a.G:
                         r = bench_layer(a.d, a.ffn, E, k, G, a.tokens, prec, a.device, a.reps)
                         rows.append(r)
+                        write_json_atomic(a.out, {"rows": rows, "environment": environment()})  # keep finished rows
                         mx, mg = (f"{r[c]:.2f}x" if r[c] else "n/a"
                                   for c in ("speedup_vs_mixtral", "speedup_vs_mixtral_gmm"))
                         print(f"| {E} | {k} | {G} | {prec} | {r['ratio_topk_vs_dense']:.2f} | "
                               f"{r['ratio_remoe_vs_dense']:.2f} | {mx} | {mg} | {r['remoe_sparsity']:.3f} |", flush=True)
         res = {"rows": rows}
-    import torch
-
-    res["environment"] = {"argv": sys.argv, "git_commit": git_commit(), "versions": package_versions(),
-                          "torch_threads": torch.get_num_threads(), "malloc": malloc_settings(),
-                          "grouped_mm": hasattr(torch, "_grouped_mm")}
-    write_json_atomic(a.out, res)
+    write_json_atomic(a.out, {**res, "environment": environment()})
     print(f"-> {a.out}")
 
 

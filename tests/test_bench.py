@@ -2,24 +2,23 @@
 The expert fast paths (torch._grouped_mm and the per-expert mm loop, fp32 and bf16 autocast) are checked
 against the naive token x expert reference here; the float64 loop path in test_model.py."""
 
+import copy
 import json
+import os
+import platform
 import subprocess
 import sys
 
-import copy
-import os
-import platform
-
 import pytest
 import torch
-
 from conftest import ROOT
+from test_model import make_layer, naive_moe
+
 from remoe.bench.layer import bench_layer, remoe_steady_state
 from remoe.bench.model import bench_models
 from remoe.cpu import MALLOC_ENV
 from remoe.model import experts as experts_mod
 from remoe.model.dispatch import group_by_expert
-from test_model import make_layer, naive_moe
 
 
 def _hard_case(router):

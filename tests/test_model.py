@@ -292,3 +292,38 @@ def test_remoe_reaches_target_sparsity(E, k):
     assert traj[0] < cfg.target_sparsity - 0.15  # ReLU at init: ~half the gates are zero, well below target
     assert abs(tail - cfg.target_sparsity) <= 0.05
     assert math.isfinite(lm.item())
+
+
+def test_padded_groups_give_the_same_outputs_and_grads():
+    """dispatch.pad_groups (used for CPU bf16) adds gate-0 dummy pairs: outputs and every gradient,
+    including the router's through the gates, are unchanged (float64, exact to rounding)."""
+    from remoe.model.dispatch import group_by_expert, pad_groups
+
+    layer = make_layer("relu", 8, 2, 1)
+    x = torch.randn(70, 16, dtype=torch.float64)
+
+    def run(pad):
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        gates, _ = layer.router(xx)
+        routing = group_by_expert(gates)
+        if pad:
+            routing = pad_groups(routing)
+            assert (routing.counts >= group_by_expert(gates).counts).all() and routing.counts.sum() > len(gates[gates > 0])
+        y = layer.experts(xx, routing)
+        (y * torch.arange(16.0, dtype=torch.float64)).sum().backward()
+        return [y.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_pad_groups_bucket_sizes():
+    from remoe.model.dispatch import Routing, pad_groups
+
+    counts = torch.tensor([0, 1, 16, 17, 130, 511, 1000])
+    E = counts.numel()
+    expert_idx = torch.repeat_interleave(torch.arange(E), counts)
+    r = pad_groups(Routing(torch.arange(expert_idx.numel()), expert_idx, torch.ones(expert_idx.numel()), counts))
+    assert r.counts.tolist() == [0, 16, 16, 32, 144, 512, 1024]  # q = 16,16,16,16,16,32,64
+    assert r.weights.sum() == counts.sum() and r.expert_idx.tolist() == sorted(r.expert_idx.tolist())

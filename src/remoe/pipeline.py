@@ -17,9 +17,8 @@ import traceback
 import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
-
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .analysis import routing_analysis, settling_step, write_analysis
 from .callbacks import FaultCheckpoint

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
-from .dispatch import Routing
+from .dispatch import Routing, pad_groups
+
 
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of torch._grouped_mm, which PyTorch's FlopCounterMode does not count (torch 2.13): each
@@ -149,7 +150,9 @@ class GroupedExperts(nn.Module):
         self.rows_computed += n
         if n == 0:  # keep every weight in the graph (DDP's reducer needs a grad, of zeros, on every rank)
             return x.new_zeros(x.shape) + 0.0 * (self.w13.sum() + self.w2.sum()) + 0.0 * routing.weights.sum()
+        cdt = _compute_dtype(x)
+        if x.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
+            routing = pad_groups(routing)  # reuse oneDNN's per-shape kernels (dispatch.pad_groups)
         offs = torch.cumsum(routing.counts, 0, dtype=torch.int32)
         counts = routing.counts.tolist()
-        return _ExpertsFn.apply(x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts,
-                                _compute_dtype(x))
+        return _ExpertsFn.apply(x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts, cdt)

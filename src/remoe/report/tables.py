@@ -60,7 +60,7 @@ def fmt(mean: float, std: float, n: int, digits: int) -> str:
 def _key(v):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return int(v) if isinstance(v, float) and v.is_integer() else v
+    return str(int(v)) if isinstance(v, (int, float)) and float(v).is_integer() else v  # str: no 4.0 in mixed columns
 
 
 def aggregate(df: pd.DataFrame, keys: list[str], metrics: dict[str, int], source: str) -> pd.DataFrame:
@@ -167,9 +167,9 @@ def throughput(df: pd.DataFrame, bench: list[dict]) -> pd.DataFrame | None:
                              "granularity": _key(key[2]),
                              "model": m, "train tokens/s": f"{tps[m]:.0f}", "train TFLOPS": "–", "train diff": diff,
                              "infer TFLOPS": "–", "infer diff": ""})
-    for b in bench:
-        rows.append({"source": f"ours: bench ({b.get('device', '?')})", "size": b.get("size"),
-                     "experts": b.get("experts"), "granularity": b.get("granularity"), "model": b.get("model"),
+    for b in (b for b in bench if "model" in b):  # model-bench rows (layer-bench rows have no model)
+        rows.append({"source": f"ours: bench ({b.get('device', '?')}, {b.get('precision', '?')})", "size": b.get("size"),
+                     "experts": _key(b.get("experts")), "granularity": _key(b.get("granularity")), "model": b.get("model"),
                      "train tokens/s": f"{b.get('train_tokens_per_s', float('nan')):.0f}",
                      "train TFLOPS": f"{b.get('train_tflops', float('nan')):.3f}", "train diff": b.get("train_diff", ""),
                      "infer TFLOPS": f"{b.get('infer_tflops', float('nan')):.3f}", "infer diff": b.get("infer_diff", "")})
