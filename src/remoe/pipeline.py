@@ -44,8 +44,6 @@ def slug(overrides: str | None) -> str:
 
 
 def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("remoe_slug"):
         OmegaConf.register_new_resolver("remoe_slug", slug)
 

@@ -3,13 +3,10 @@ numbers it rests on (means ± std over seeds) so a reader can judge it at this s
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 
-from .collect import read_jsonl
-from .figures import INACTIVE
+from .collect import INACTIVE, routing_share
 from .tables import _standard
 
 
@@ -36,13 +33,8 @@ def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[bool | None, list[str],
 
 
 def inactive_experts(run_dir: str) -> int | None:
-    recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
-    if not recs:
-        return None
-    recs = recs[len(recs) // 2 :]
-    counts = np.sum([r["counts"] for r in recs], axis=0).astype(float)
-    share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
-    return int((share < INACTIVE).sum())
+    share = routing_share(run_dir)
+    return None if share is None else int((share < INACTIVE).sum())
 
 
 def claims(df: pd.DataFrame) -> str:

@@ -101,6 +101,30 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+INACTIVE = 1 / 64  # experts routed fewer than this share of tokens count as inactive (paper, Fig. 8)
+
+
+def routing_share(run_dir: str):
+    """(layers, experts) share of each layer's routed tokens per expert over the second half of training
+    (routing.jsonl), or None when the run logged none."""
+    import numpy as np
+
+    recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
+    if not recs:
+        return None
+    counts = np.sum([r["counts"] for r in recs[len(recs) // 2 :]], axis=0).astype(float)
+    return counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+
+
+def read_analysis(run_dir: str) -> dict | None:
+    """The run's routing_analysis.json (written at the end of training), or None."""
+    p = os.path.join(run_dir, "routing_analysis.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
 def read_metrics(run_dir: str) -> pd.DataFrame | None:
     path = os.path.join(run_dir, "metrics.csv")
     return pd.read_csv(path) if os.path.exists(path) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import matplotlib
@@ -12,10 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import read_jsonl, read_metrics  # noqa: E402
+from .collect import INACTIVE, read_analysis, read_jsonl, read_metrics, routing_share  # noqa: E402
 
 COLORS = {"dense": "tab:gray", "topk": "tab:blue", "remoe": "tab:red"}
-INACTIVE = 1 / 64  # experts routed fewer than this share of tokens count as inactive (paper, Fig. 8)
 
 
 def _save(fig, out_dir: str, name: str) -> str:
@@ -63,12 +61,9 @@ def stages_plot(run_dir: str, out_dir: str, name: str) -> str | None:
 
 
 def routing_heatmap(run_dir: str, out_dir: str, name: str) -> str | None:
-    recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
-    if not recs:
+    share = routing_share(run_dir)
+    if share is None:
         return None
-    recs = recs[len(recs) // 2 :]  # the second half of training
-    counts = np.sum([r["counts"] for r in recs], axis=0).astype(float)
-    share = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * share.shape[1] + 2), 0.4 * share.shape[0] + 1.5))
     im = ax.imshow(share, aspect="auto", cmap="viridis")
     for (layer, e) in zip(*np.where(share < INACTIVE)):
@@ -81,13 +76,7 @@ def routing_heatmap(run_dir: str, out_dir: str, name: str) -> str | None:
 
 
 def layer_sparsity_plot(runs: list[tuple[str, str]], out_dir: str) -> str | None:
-    import json
-
-    data = []
-    for label, d in runs:
-        p = os.path.join(d, "routing_analysis.json")
-        if os.path.exists(p):
-            data.append((label, json.load(open(p))["layer_sparsity"]))
+    data = [(label, a["layer_sparsity"]) for label, a in ((lb, read_analysis(d)) for lb, d in runs) if a]
     if not data:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -100,15 +89,12 @@ def layer_sparsity_plot(runs: list[tuple[str, str]], out_dir: str) -> str | None
 
 
 def active_vs_frequency(runs: list[tuple[str, str]], out_dir: str) -> str | None:
-    import json
-
     fig, ax = plt.subplots(figsize=(5, 3.5))
     drawn = False
     for label, d in runs:
-        p = os.path.join(d, "routing_analysis.json")
-        if not os.path.exists(p):
+        a = read_analysis(d)
+        if a is None:
             continue
-        a = json.load(open(p))
         freq, act = np.array(a["token_count"], float), np.array(a["token_mean_active"])
         bins = np.unique(np.floor(np.log2(freq)))
         xs = [2 ** b for b in bins]
@@ -126,12 +112,10 @@ def active_vs_frequency(runs: list[tuple[str, str]], out_dir: str) -> str | None
 
 
 def domain_plot(run_dir: str, out_dir: str, name: str) -> str | None:
-    import json
-
-    p = os.path.join(run_dir, "routing_analysis.json")
-    if not os.path.exists(p):
+    a = read_analysis(run_dir)
+    if a is None:
         return None
-    doms = json.load(open(p))["domain_counts"]
+    doms = a["domain_counts"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / max(1, len(doms))
     for i, (dom, c) in enumerate(sorted(doms.items())):
@@ -183,5 +167,3 @@ def curves_plot(runs: list[tuple[str, str, str]], out_dir: str) -> str | None:
     return _save(fig, out_dir, "fig_val_curves")
 
 
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
