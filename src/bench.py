@@ -4,7 +4,7 @@
   python src/bench.py layer --E 8 64 128 --G 1 8 --precision fp32 bf16   # MoE layer vs dense (vs Mixtral)
 """
 
-from remoe.cpu import reexec_with_malloc_settings
+from remoe.cpu import malloc_settings, reexec_with_malloc_settings
 
 reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-up (remoe/cpu.py)
 
@@ -13,7 +13,6 @@ import sys
 
 from remoe.bench.layer import bench_layer
 from remoe.bench.model import bench_models, paper_table
-from remoe.cpu import malloc_settings
 from remoe.runs import git_commit, package_versions, write_json_atomic
 
 
@@ -51,6 +50,7 @@ def main() -> None:
     la.add_argument("--reps", type=int, default=10)
     la.add_argument("--out", default="bench_layer.json")
     a = p.parse_args()
+    env = environment()
     if a.cmd == "model":
         res = bench_models(a.size, a.experts, a.topk, a.granularity, a.precision, a.device, a.batch, a.seq, a.reps)
         print(paper_table(res))
@@ -65,13 +65,13 @@ def main() -> None:
                     for G in a.G:
                         r = bench_layer(a.d, a.ffn, E, k, G, a.tokens, prec, a.device, a.reps)
                         rows.append(r)
-                        write_json_atomic(a.out, {"rows": rows, "environment": environment()})  # keep finished rows
+                        write_json_atomic(a.out, {"rows": rows, "environment": env})  # keep finished rows
                         mx, mg = (f"{r[c]:.2f}x" if r[c] else "n/a"
                                   for c in ("speedup_vs_mixtral", "speedup_vs_mixtral_gmm"))
                         print(f"| {E} | {k} | {G} | {prec} | {r['ratio_topk_vs_dense']:.2f} | "
                               f"{r['ratio_remoe_vs_dense']:.2f} | {mx} | {mg} | {r['remoe_sparsity']:.3f} |", flush=True)
         res = {"rows": rows}
-    write_json_atomic(a.out, {**res, "environment": environment()})
+    write_json_atomic(a.out, {**res, "environment": env})
     print(f"-> {a.out}")
 
 

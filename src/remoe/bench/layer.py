@@ -22,7 +22,7 @@ def remoe_steady_state(layer: MoELayer, x: torch.Tensor, k: int) -> None:
         W[:, 0] = -torch.quantile(logits.float(), 1 - k / W.shape[0], dim=0).to(W.dtype)
 
 
-def mixtral_block(d: int, ffn: int, E: int, k: int, like: MoELayer | None = None, impl: str = "eager"):
+def mixtral_block(d: int, ffn: int, E: int, k: int, like: MoELayer, impl: str = "eager"):
     """transformers' MixtralSparseMoeBlock with `impl` experts ("eager" loop: the default; "grouped_mm"),
     holding the weights of our TopK layer `like` (its parameters are created uninitialised)."""
     try:
@@ -33,14 +33,10 @@ def mixtral_block(d: int, ffn: int, E: int, k: int, like: MoELayer | None = None
     cfg = MixtralConfig(hidden_size=d, intermediate_size=ffn, num_local_experts=E, num_experts_per_tok=k)
     cfg._experts_implementation = impl
     block = MixtralSparseMoeBlock(cfg)
-    with torch.no_grad():
-        if like is None:
-            for p in block.parameters():
-                torch.nn.init.normal_(p, std=0.02)
-        else:  # same router and experts: Mixtral stores (E, 2f, d) gate|up and (E, d, f) down
-            block.gate.weight.copy_(like.router.weight)
-            block.experts.gate_up_proj.copy_(like.experts.w13.transpose(1, 2))
-            block.experts.down_proj.copy_(like.experts.w2.transpose(1, 2))
+    with torch.no_grad():  # same router and experts: Mixtral stores (E, 2f, d) gate|up and (E, d, f) down
+        block.gate.weight.copy_(like.router.weight)
+        block.experts.gate_up_proj.copy_(like.experts.w13.transpose(1, 2))
+        block.experts.down_proj.copy_(like.experts.w2.transpose(1, 2))
     return block
 
 

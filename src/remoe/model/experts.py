@@ -2,8 +2,8 @@
 and the fused gather -> grouped GEMMs -> gate-scale -> scatter that runs them.
 
 One autograd Function does the whole expert stage with its backward written out: no per-expert
-autograd nodes, every big buffer allocated once, the gate applied on the (N, ffn/G) hidden instead of
-the (N, d) output, and on torch builds that have it `torch._grouped_mm` runs all experts in one call
+autograd nodes, the gate applied on whichever of the hidden (N, ffn/G) and the output (N, d) is
+narrower, and on torch builds that have it `torch._grouped_mm` runs all experts in one call
 (CPU fp32/bf16, CUDA bf16), with a per-expert `mm` loop as the fallback (float64, older torch, shapes a
 kernel refuses). Per routed pair p = (token t, expert e, gate g):
     y[t] += g * SwiGLU_e(x[t]) = g * (silu(x[t] W1_e) * (x[t] W3_e)) W2_e

@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from ..runs import SUMMARY
@@ -107,8 +108,6 @@ INACTIVE = 1 / 64  # experts routed fewer than this share of tokens count as ina
 def routing_share(run_dir: str):
     """(layers, experts) share of each layer's routed tokens per expert over the second half of training
     (routing.jsonl), or None when the run logged none."""
-    import numpy as np
-
     recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
     if not recs:
         return None

@@ -165,5 +165,3 @@ def curves_plot(runs: list[tuple[str, str, str]], out_dir: str) -> str | None:
     ax.set_ylabel("validation loss")
     ax.legend()
     return _save(fig, out_dir, "fig_val_curves")
-
-
