@@ -15,7 +15,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from remoe.console import quiet_third_party
 from remoe.eval.run import HubUnavailable, check_tasks, dumps, evaluate_checkpoint
+
+quiet_third_party()
 
 log = logging.getLogger("remoe")
 

@@ -1,6 +1,6 @@
 """Train one model (or a grid with -m): `python src/train.py model=remoe experts=16 seed=2`.
 
-Thin by design: Hydra composes conf/, remoe.pipeline.train does the work. A bad config value exits
+Thin by design: Hydra composes conf/, remoe.pipeline.run does the work. A bad config value exits
 with status 2 and a one-line message naming the key, before any data or model is built.
 """
 
@@ -15,9 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from remoe.pipeline import ConfigError, register_resolvers, run
+from remoe.console import quiet_third_party
+from remoe.pipeline import run
+from remoe.settings import ConfigError, register_resolvers
 
 register_resolvers()
+quiet_third_party()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

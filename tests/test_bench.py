@@ -21,46 +21,46 @@ from remoe.model import experts as experts_mod
 from remoe.model.dispatch import group_by_expert
 
 
-def _hard_case(router):
+def _hard_case(method):
     """16 fine-grained experts, 2 of which no token is routed to; for ReLU, 6 tokens with no expert."""
-    layer = make_layer(router, 8, 2, 2)
+    layer = make_layer(method, 8, 2, 2)
     torch.manual_seed(3)
     x = torch.randn(96, 16, dtype=torch.float64)
     x[:, 0] = 1.0
     with torch.no_grad():
         layer.router.weight[[0, 5], 0] = -100.0  # experts 0 and 5: never top-k, ReLU gate 0
-        if router == "relu":
+        if method == "remoe":
             layer.router.weight[:, 1] = 5.0
             x[:6, 1] = -50.0  # all gates of tokens 0..5 are zero
     return layer, x
 
 
-def _run(layer, x, w, dtype=None):
+def _run(layer, x, w, method, dtype=None):
     layer.zero_grad()
     xx = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        y = layer(xx)[0] if dtype else naive_moe(layer, xx)
+        y = layer(xx)[0] if dtype else naive_moe(layer, xx, method, 4)  # k*G = 2*2
     (y.float() * w.float()).sum().backward()
     return y.detach().double(), xx.grad.double(), [p.grad.double() for p in layer.parameters()]
 
 
 @pytest.mark.parametrize("path", ["grouped_mm", "mm_loop"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("router", ["topk", "relu"])
-def test_expert_fast_paths_match_reference(path, dtype, router, monkeypatch):
+@pytest.mark.parametrize("method", ["topk", "remoe"])
+def test_expert_fast_paths_match_reference(path, dtype, method, monkeypatch):
     if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
     if path == "mm_loop":  # the fallback: as if the kernel had refused these inputs
         monkeypatch.setattr(experts_mod, "_GMM_BROKEN", {("cpu", t, k) for t in (torch.float32, torch.bfloat16)
                                                           for k in ("mm", "wgrad")})
-    layer, x = _hard_case(router)
+    layer, x = _hard_case(method)
     w = torch.randn(96, 16, dtype=torch.float64)
-    ref = _run(layer, x, w)
+    ref = _run(layer, x, w, method)
     fast_layer = copy.deepcopy(layer).float()
     assert experts_mod._gmm_ok(x.float(), "mm") == (path == "grouped_mm")
-    fast = _run(fast_layer, x.float(), w, dtype)
+    fast = _run(fast_layer, x.float(), w, method, dtype)
 
-    routing = group_by_expert(fast_layer.router(x.float())[0])
+    routing = group_by_expert(fast_layer.router(x.float()).gates)
     assert routing.counts[0] == 0 and routing.counts[5] == 0  # empty experts are part of the case
     tol = 1e-5 if dtype == "fp32" else 3e-2
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
@@ -69,17 +69,17 @@ def test_expert_fast_paths_match_reference(path, dtype, router, monkeypatch):
         assert rel(a, b) < tol, name
     w13_grad = fast[2][[n for n, _ in layer.named_parameters()].index("experts.w13")]
     assert (w13_grad[[0, 5]] == 0).all()  # empty experts: exactly zero gradient
-    if router == "relu":
+    if method == "remoe":
         assert (fast[0][:6] == 0).all()  # tokens with no active expert output 0
 
 
-@pytest.mark.parametrize("router", ["topk", "relu"])
-def test_bf16_autocast_matches_reference(router):
-    layer = make_layer(router, 8, 2, 2).float()
+@pytest.mark.parametrize("method", ["topk", "remoe"])
+def test_bf16_autocast_matches_reference(method):
+    layer = make_layer(method, 8, 2, 2).float()
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(64, 16)
-    ref = naive_moe(layer.double(), x.double()).float()
+    ref = naive_moe(layer.double(), x.double(), method, 4).float()
     layer.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = layer(x)
@@ -124,10 +124,10 @@ def test_bench_cli_writes_json(tmp_path):
 
 
 def test_steady_state_threshold_uses_a_constant_feature():
-    layer = make_layer("relu", 8, 1, 1).float()
+    layer = make_layer("remoe", 8, 1, 1).float()
     x = torch.randn(1000, 16)
     remoe_steady_state(layer, x, 1)
-    g, _ = layer.router(x)
+    g = layer.router(x).gates
     assert abs((g > 0).float().mean().item() - 1 / 8) < 0.01
 
 

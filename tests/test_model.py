@@ -7,10 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoe.model import LambdaController, ModelConfig, Transformer, layer_sparsity, preset
-from remoe.model.config import PRESETS
+from remoe.model import METHODS, LambdaController, ModelConfig, RoutingStats, Transformer, build_method, preset
+from remoe.model import experts as experts_mod
+from remoe.model.config import CONF_SIZE_DIR, preset_arch
 from remoe.model.moe import MoELayer
 from remoe.model.regularizers import l1_loss, lb_l1_loss, switch_aux_loss
+
+PRESETS = sorted(p.stem for p in CONF_SIZE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def n_params(m):
@@ -33,7 +36,7 @@ def test_counts_match_module(name, variant):
     assert n_params(Transformer(cfg)) == cfg.param_counts()["total"]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("E,G", [(8, 1), (16, 1), (8, 4)])
 def test_moe_total_and_active(name, E, G):
     dense = preset(name, "dense", vocab_size=50257).param_counts()
@@ -47,7 +50,7 @@ def test_moe_total_and_active(name, E, G):
 
 
 def test_paper_total_params_with_e8():
-    # PAPER_TABLES: 182M -> 777M, 469M -> 2.58B, 978M -> 5.73B
+    # the paper's Table 1 totals at E=8: 182M -> 777M, 469M -> 2.58B, 978M -> 5.73B
     for name, paper in (("182m", 777e6), ("469m", 2.58e9), ("978m", 5.73e9)):
         total = preset(name, "remoe", vocab_size=50257, experts=8).param_counts()["total"]
         assert abs(total - paper) / paper < 0.005
@@ -61,15 +64,15 @@ def test_dense_x8_has_moe_e8_params():
 
 
 # ---- exactness of the MoE layer ---------------------------------------------------------------
-def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+def naive_moe(layer: MoELayer, x: torch.Tensor, method: str, k: int) -> torch.Tensor:
     """Loop over tokens and experts, gates recomputed from the formulas (not the router code)."""
     W = layer.router.weight
     logits = x @ W.t()
-    if layer.kind == "topk":
+    if method == "topk":
         p = logits.softmax(-1)
         gates = torch.zeros_like(p)
         for t in range(x.shape[0]):
-            for e in torch.argsort(p[t], descending=True)[: layer.k].tolist():
+            for e in torch.argsort(p[t], descending=True)[:k].tolist():
                 gates[t, e] = p[t, e]
     else:
         gates = torch.clamp(logits, min=0)
@@ -86,11 +89,13 @@ def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def make_layer(router, E, k, G, d=16, ffn=32, seed=0):
+def make_layer(method, E, k, G, d=16, ffn=32, seed=0):
+    """One MoE layer of routing method `method`, as the transformer builds it."""
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=1, d_model=d, n_head=2, n_kv_head=1, ffn_hidden=ffn, vocab_size=10,
-                      router=router, experts=E, topk=k, granularity=G)
-    layer = MoELayer(cfg).double()
+                      routing=method, experts=E, topk=k, granularity=G)
+    layer = METHODS[method].build_ffn(cfg).double()
+    assert isinstance(layer, MoELayer)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return layer
@@ -99,13 +104,13 @@ def make_layer(router, E, k, G, d=16, ffn=32, seed=0):
 CASES = [(4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 1, 4), (16, 4, 1)]
 
 
-@pytest.mark.parametrize("router", ["topk", "relu"])
+@pytest.mark.parametrize("method", ["topk", "remoe"])
 @pytest.mark.parametrize("E,k,G", CASES)
-def test_moe_matches_naive_reference_with_grads(router, E, k, G):
-    layer = make_layer(router, E, k, G)
+def test_moe_matches_naive_reference_with_grads(method, E, k, G):
+    layer = make_layer(method, E, k, G)
     torch.manual_seed(1)
     x = torch.randn(37, 16, dtype=torch.float64)
-    if router == "relu":
+    if method == "remoe":
         w_sum = layer.router.weight.detach().sum(0)
         x[:5] = -3.0 * w_sum / w_sum.norm()  # push some tokens toward zero gates
     w = torch.randn(37, 16, dtype=torch.float64)
@@ -118,7 +123,7 @@ def test_moe_matches_naive_reference_with_grads(router, E, k, G):
         return y.detach(), xx.grad, [p.grad.clone() for p in layer.parameters()]
 
     y1, gx1, gp1 = run(lambda xx: layer(xx)[0])
-    y2, gx2, gp2 = run(lambda xx: naive_moe(layer, xx))
+    y2, gx2, gp2 = run(lambda xx: naive_moe(layer, xx, method, k * G))
     rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-300)).item()  # noqa: E731
     assert rel(y1, y2) < 1e-10
     assert rel(gx1, gx2) < 1e-10
@@ -126,46 +131,60 @@ def test_moe_matches_naive_reference_with_grads(router, E, k, G):
         assert rel(a, b) < 1e-10
 
 
-def test_relu_tokens_with_no_expert_get_zero_and_cost_nothing():
-    layer = make_layer("relu", 8, 1, 1)
+@pytest.fixture
+def rows_computed(monkeypatch):
+    """Rows fed through the experts' first GEMM in each forward: the (token, expert) pairs computed."""
+    rows = []
+    gmm = experts_mod.gmm
+
+    def counting(a, b, offs, counts, trans_b=False):
+        rows.append(a.shape[0])
+        return gmm(a, b, offs, counts, trans_b)
+
+    monkeypatch.setattr(experts_mod, "gmm", counting)
+    return rows
+
+
+def test_relu_tokens_with_no_expert_get_zero_and_cost_nothing(rows_computed):
+    layer = make_layer("remoe", 8, 1, 1)
     torch.manual_seed(2)
     x = torch.randn(64, 16, dtype=torch.float64)
     with torch.no_grad():
         layer.router.weight[:, 0] = 5.0  # x[:,0] << 0 -> all gates zero
     x[:20, 0] = -50.0
-    gates, _ = layer.router(x)
+    gates = layer.router(x).gates
     assert (gates[:20] == 0).all() and (gates[20:] > 0).any()
-    layer.experts.rows_computed = 0
-    y, _ = layer(x)
+    with torch.no_grad():
+        y, _ = layer(x)
     assert (y[:20] == 0).all()
     nnz = int((gates > 0).sum())
-    assert layer.experts.rows_computed == nnz < 64 * 8  # only non-zero (token, expert) pairs computed
+    assert rows_computed == [nnz, nnz] and nnz < 64 * 8  # only non-zero (token, expert) pairs computed
     counts_per_token = (gates > 0).sum(1)
     assert counts_per_token.min() == 0 and counts_per_token.max() > 1  # variable experts per token
 
 
 def test_relu_layer_fully_sparse_runs_and_keeps_graph():
-    layer = make_layer("relu", 4, 1, 1)
+    layer = make_layer("remoe", 4, 1, 1)
     with torch.no_grad():
         layer.router.weight.fill_(1.0)
     x = -torch.ones(10, 16, dtype=torch.float64)
-    y, loss = layer(x)
-    assert (y == 0).all() and loss.item() == 0
+    y, routed = layer(x)
+    assert (y == 0).all() and lb_l1_loss(routed.gates, 1).item() == 0
     y.sum().backward()
     assert layer.experts.w13.grad is not None and (layer.experts.w13.grad == 0).all()
 
 
-def test_topk_rows_computed_is_t_times_k():
+def test_topk_rows_computed_is_t_times_k(rows_computed):
     layer = make_layer("topk", 8, 2, 1)
-    layer.experts.rows_computed = 0
-    layer(torch.randn(50, 16, dtype=torch.float64))
-    assert layer.experts.rows_computed == 100
+    with torch.no_grad():
+        layer(torch.randn(50, 16, dtype=torch.float64))
+    assert rows_computed == [100, 100]
 
 
 def test_topk_gates_are_unrenormalised_softmax_probs():
     layer = make_layer("topk", 8, 2, 1)
     x = torch.randn(30, 16, dtype=torch.float64)
-    gates, probs = layer.router(x)
+    gates, probs = layer.router(x)  # RouterOutput(gates, scores)
     p = (x @ layer.router.weight.t()).softmax(-1)
     assert torch.allclose(probs, p)
     top = torch.topk(p, 2, dim=-1)
@@ -194,21 +213,24 @@ def test_lb_l1_and_l1_hand_example_and_no_grad_through_counts():
 
 
 def test_model_router_loss_conventions():
+    """Each method's loss from the model's per-layer router outputs: ReMoE averages LB-L1 over layers
+    (the 1/(L T) convention), TopK sums the Switch aux loss; the dense model has no router output."""
     torch.manual_seed(0)
     idx = torch.randint(0, 100, (2, 16))
-    for v in ("topk", "remoe"):
-        m = Transformer(preset("tiny", v, vocab_size=100, experts=4)).double()
+    for v in ("topk", "remoe", "dense"):
+        cfg = preset("tiny", v, vocab_size=100, experts=4)
+        m, method = Transformer(cfg).double(), build_method(cfg)
         out = m(idx)
-        per_layer = []
-        for b in m.blocks:  # recompute each layer's loss from its gates
-            b.ffn.record_gates = True
-        m(idx)
-        for b in m.blocks:
-            g = b.ffn.last_gates
-            per_layer.append(lb_l1_loss(g, 1) if v == "remoe" else None)
-        if v == "remoe":  # 1/(L T) convention: mean over layers
-            assert out.router_loss.item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-12)
-        assert out.logits.shape == (2, 16, 128)
+        assert out.logits.shape == (2, 16, 128) and len(out.routing) == (0 if v == "dense" else cfg.n_layer)
+        assert all(r.gates.shape == (32, 4) for r in out.routing)  # (tokens, experts) per layer
+        if v == "remoe":
+            per_layer = [lb_l1_loss(r.gates, 1) for r in out.routing]
+            assert method.loss(out).item() == pytest.approx(torch.stack(per_layer).mean().item(), rel=1e-12)
+        elif v == "topk":
+            per_layer = [switch_aux_loss(r.scores, r.gates, 1) for r in out.routing]
+            assert method.loss(out).item() == pytest.approx(torch.stack(per_layer).sum().item(), rel=1e-12)
+        else:
+            assert method.loss(out).item() == 0 and method.coefficient() == 0
 
 
 # ---- the controller --------------------------------------------------------------------------
@@ -236,23 +258,53 @@ def test_controller_multiplies_below_target_and_divides_above():
         (dict(topk=9, experts=8), "topk"),
         (dict(granularity=5), "granularity"),  # 4*64=256 not divisible by 5
         (dict(granularity=0), "granularity"),
-        (dict(router="softmax"), "router"),
-        (dict(lambda0=0.0), "lambda0"),
-        (dict(alpha=1.0), "alpha"),
-        (dict(regularizer="l2"), "regularizer"),
+        (dict(routing="softmax"), "routing"),
     ],
 )
 def test_bad_arguments_name_the_argument(kw, name):
-    base = dict(PRESETS["tiny"], router="relu", vocab_size=100)
+    base = dict(preset_arch("tiny"), routing="remoe", vocab_size=100)
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         ModelConfig(**{**base, **kw})
 
 
-def test_unknown_preset_and_variant():
+@pytest.mark.parametrize(
+    "method,kw,name",
+    [
+        ("remoe", dict(lambda0=0.0), "lambda0"),
+        ("remoe", dict(alpha=1.0), "alpha"),
+        ("remoe", dict(regularizer="l2"), "regularizer"),
+        ("remoe", dict(aux_loss_coef=0.1), "aux_loss_coef"),  # not a ReMoE knob
+        ("topk", dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+        ("topk", dict(warmup_topk=9), "warmup_topk"),
+        ("dense", dict(lambda0=1e-8), "lambda0"),
+    ],
+)
+def test_bad_method_knobs_name_the_knob(method, kw, name):
+    cfg = preset("tiny", method, vocab_size=100)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        build_method(cfg, **kw)
+
+
+def test_unknown_preset_and_method():
     with pytest.raises(ValueError, match="size"):
         preset("7b")
-    with pytest.raises(ValueError, match="model"):
-        preset("tiny", "hash")
+    with pytest.raises(ValueError, match="routing"):
+        preset("tiny", "no_such_method")
+
+
+def test_legacy_model_dicts_still_load():
+    """Checkpoints written before the routing-method objects stored `router` and training knobs in the
+    model config: they map to the method and its knobs."""
+    from remoe.model.config import split_legacy
+
+    old = {**preset("tiny", "remoe", vocab_size=100).to_dict(), "lambda0": 1e-6, "alpha": 1.5, "regularizer": "l1",
+           "aux_loss_coef": 0.01, "warmup_topk": None, "warmup_steps": 0}
+    old["router"] = "relu"
+    del old["routing"]
+    cfg = ModelConfig.from_dict(old)
+    assert cfg == preset("tiny", "remoe", vocab_size=100)
+    assert split_legacy(old)[1]["lambda0"] == 1e-6
+    assert ModelConfig.from_dict({**old, "router": None}).routing == "dense"
 
 
 # ---- the method's central claim, end to end ----------------------------------------------------
@@ -270,25 +322,24 @@ def test_remoe_reaches_target_sparsity(E, k):
     cfg = preset("tiny", "remoe", vocab_size=256, experts=E, topk=k)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    ctl = LambdaController(cfg.target_sparsity, cfg.lambda0, cfg.alpha)
+    method = build_method(cfg)  # the paper's lambda0=1e-8, alpha=1.2
     traj = []
     data = synthetic_batches(256, 8, 64, seed=0)
     for step in range(300):
         batch = next(data)
         out = model(batch[:, :-1])
         lm = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())
-        loss = lm + ctl.value * out.router_loss
+        loss = lm + method.coefficient() * method.loss(out)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        counts, tokens = model.routing_counts()
-        s = layer_sparsity(counts, tokens).mean().item()
+        stats = RoutingStats(step, *(t.numpy() for t in model.routing_counts()))
         model.reset_routing_counts()
-        ctl.update(s)
-        traj.append(s)
+        method.on_optimizer_step(stats)
+        traj.append(stats.sparsity)
     tail = sum(traj[-50:]) / 50  # stage III: mean of the last 50 steps
     print(f"E={E} k={k} target={cfg.target_sparsity:.3f} sparsity every 25 steps:",
-          [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda", ctl.value)
+          [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda", method.coefficient())
     assert traj[0] < cfg.target_sparsity - 0.15  # ReLU at init: ~half the gates are zero, well below target
     assert abs(tail - cfg.target_sparsity) <= 0.05
     assert math.isfinite(lm.item())
@@ -299,13 +350,13 @@ def test_padded_groups_give_the_same_outputs_and_grads():
     including the router's through the gates, are unchanged (float64, exact to rounding)."""
     from remoe.model.dispatch import group_by_expert, pad_groups
 
-    layer = make_layer("relu", 8, 2, 1)
+    layer = make_layer("remoe", 8, 2, 1)
     x = torch.randn(70, 16, dtype=torch.float64)
 
     def run(pad):
         layer.zero_grad()
         xx = x.clone().requires_grad_()
-        gates, _ = layer.router(xx)
+        gates = layer.router(xx).gates
         routing = group_by_expert(gates)
         if pad:
             routing = pad_groups(routing)

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT
-from remoe.pipeline import ConfigError, register_resolvers, validate
+from remoe.settings import ConfigError, batch_split, register_resolvers, validate
 from remoe.runs import read_summary
 from remoe.wandb_offline import offline_runs, read_history
 
@@ -46,7 +46,8 @@ DATA = {"stdlib": [], "text_files": [f"data.files=[{ROOT / 'pyproject.toml'}]"],
 def test_every_size_and_model_composes_and_validates(size, model):
     cfg = composed(f"model={model}", f"size={size}")
     mcfg = validate(cfg)
-    assert mcfg.router == {"dense": None, "topk": "topk", "remoe": "relu"}[model]
+    assert mcfg.routing == model and mcfg.is_moe == (model != "dense")
+    assert mcfg.n_layer == cfg.size.arch.n_layer  # conf/size holds the architecture
     assert cfg.trainer.precision == cfg.size.precision
 
 
@@ -72,8 +73,6 @@ def test_paper_recipe_defaults():
     assert (cfg.size.global_batch_size, cfg.size.seq_len, cfg.trainer.max_steps) == (512, 1024, 60000)
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
     assert (cfg.model.lambda0, cfg.model.alpha) == (1e-8, 1.2)
-    from remoe.pipeline import batch_split
-
     assert batch_split(cfg) == (8, 64)  # one GPU: 512 = 8 x 64 accumulation
     assert batch_split(composed("size=182m", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4")) == (8, 2)
 
@@ -85,6 +84,14 @@ BAD = [
     (["granularity=3"], "granularity"),  # tiny ffn_hidden 256
     (["model.lambda0=0"], "model.lambda0"),
     (["model.alpha=1.0"], "model.alpha"),
+    (["model.regularizer=l2"], "model.regularizer"),
+    (["+model.foo=1"], "model.foo"),  # not a knob of the routing method
+    (["model=topk", "model.aux_loss_coef=-1"], "model.aux_loss_coef"),
+    (["model=topk", "model.warmup_topk=9"], "model.warmup_topk"),
+    (["model=dense", "model.ffn_mult=0"], "model.ffn_mult"),
+    (["model.name=nope"], "model"),
+    (["size.arch.n_head=5"], "size.arch.n_head"),
+    (["+size.arch.foo=1"], "size.arch.foo"),
     (["size.seq_len=4096"], "size.seq_len"),
     (["trainer=ddp", "trainer.devices=3"], "size.global_batch_size"),
     (["data=text_files", "data.files=[/nonexistent/*.txt]"], "data.files"),
@@ -110,7 +117,7 @@ def test_bad_override_exits_nonzero_before_building_anything(train, tmp_path):
 
 # ---- end to end ------------------------------------------------------------------------------------
 def test_default_run_end_to_end(train):
-    _, out = train(*FAST)
+    p, out = train(*FAST)
     [path] = summaries(out)
     run = Path(path).parent
     s = read_summary(run)
@@ -139,6 +146,26 @@ def test_default_run_end_to_end(train):
     # the default pipeline evaluates offline: downstream numbers in the summary and in W&B
     assert set(s["downstream"]) == {"remoe_cloze", "remoe_choice"}
     assert "downstream/remoe_choice/acc" in hist
+    # the run ends with one line saying what happened, and where the record is
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("remoe: completed | steps 6 | val loss ") and "sparsity" in last and "λ" in last
+    assert "downstream acc" in last and last.endswith(str(run / "summary.json"))
+
+
+def test_console_has_no_third_party_noise(cache_dir, tmp_path):
+    """The default run's console, W&B not silenced: none of the known third-party noise."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(REMOE_OUTPUT=str(tmp_path / "out"), REMOE_CACHE=cache_dir)
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "eval=none", *FAST], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = p.stdout + p.stderr
+    for noise in ("litlogger", "LeafSpec", "anonymous setting"):
+        assert noise not in text, noise
+    assert p.stdout.strip().splitlines()[-1].startswith("remoe: completed | steps 6")
 
 
 def test_multirun_grid_makes_one_run_and_one_wandb_run_per_point(tiny_sweep):

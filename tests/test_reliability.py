@@ -116,3 +116,49 @@ def test_resume_with_a_different_model_config_is_an_error(train, tmp_path):
     p, _ = train("model=remoe", "experts=16", "resume=true", *base, check=False)
     assert p.returncode == 2
     assert "different model config" in p.stdout + p.stderr and "experts=8" in p.stdout + p.stderr
+
+
+def _to_legacy(ckpt_path):
+    """Rewrite a checkpoint into the format written before the routing-method objects: the method as
+    `router` and its training knobs inside hyper_parameters["model"], ReMoE's controller state under
+    checkpoint["lambda_controller"] (as a7cf893 and earlier wrote them)."""
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hp = ck["hyper_parameters"]
+    model = dict(hp["model"])
+    model["router"] = {"dense": None, "topk": "topk", "remoe": "relu"}[model.pop("routing")]
+    model.update(aux_loss_coef=0.01, regularizer="lb_l1", lambda0=1e-8, alpha=1.2, warmup_topk=None, warmup_steps=0)
+    ck["hyper_parameters"] = {"model": model, "optim": hp["optim"], "routing_log_interval": hp["routing_log_interval"]}
+    ck["lambda_controller"] = ck.pop("routing_state")["lambda_controller"]
+    torch.save(ck, ckpt_path)
+
+
+def test_checkpoints_from_before_the_routing_methods_load_and_resume(train, tmp_path):
+    from remoe.eval.adapter import load_checkpoint
+
+    run = tmp_path / "r"
+    base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=4", "size.ckpt_interval=4",
+            "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
+    train(*base, "trainer.max_steps=4")
+    first = read_summary(run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    _to_legacy(ckpt)
+    model, _, hp = load_checkpoint(str(ckpt))
+    assert model.cfg.routing == "remoe" and "router" in hp["model"]
+    train(*base, "trainer.max_steps=6", "resume=true")
+    lam = series(run, "train/lambda")
+    assert min(lam) == 4 and lam[4] == pytest.approx(first["lambda"], rel=1e-6)  # lambda came back
+
+
+def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, tmp_path):
+    """alpha is the controller's training knob, not the model: a resume may change it (it was refused as
+    "a different model config" before the routing methods owned their knobs)."""
+    run = tmp_path / "r"
+    base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=4", "size.ckpt_interval=4",
+            "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
+    train(*base, "trainer.max_steps=4")
+    train(*base, "trainer.max_steps=8", "resume=true", "model.alpha=2.0")
+    s = read_summary(run)
+    assert s["status"] == "completed" and s["alpha"] == 2.0 and s["steps"] == 8
+    lam = series(run, "train/lambda")
+    ratios = [lam[i + 1] / lam[i] for i in range(4, 7)]
+    assert all(r == pytest.approx(2.0, rel=1e-5) or r == pytest.approx(0.5, rel=1e-5) for r in ratios)

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST, ROOT
-from remoe.pipeline import register_resolvers, validate
+from remoe.settings import register_resolvers, validate
 from remoe.runs import read_summary
 
 register_resolvers()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import lightning as L
 
@@ -17,14 +18,51 @@ class RoutingStatsWriter(L.Callback):
         self.path, self.interval = path, interval
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        r = getattr(pl_module, "last_routing", None)
-        if not trainer.is_global_zero or r is None or r["step"] % self.interval != 0:
+        r = pl_module.last_routing
+        if not trainer.is_global_zero or r is None or r.step % self.interval != 0:
             return
         pl_module.last_routing = None  # one line per optimizer step
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": r["step"], "sparsity": r["sparsity"], "tokens": r["tokens"].tolist(),
-                                "counts": r["counts"].tolist()}) + "\n")
+            f.write(json.dumps(r.to_json()) + "\n")
+
+
+def step_ends(trainer, batch_idx: int) -> bool:
+    """Whether this micro-batch was the last of its optimizer step (gradient accumulation)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+class TrainThroughput(L.Callback):
+    """Training tokens/s: per optimizer step (logged as train/tokens_per_s) and over the whole fit
+    (`tokens_per_s`, for summary.json), validation excluded. Lightning's ThroughputMonitor reports a
+    rolling window per micro-batch and keeps no whole-run total, so the run's figure is measured here."""
+
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+        self._t0: float | None = None
+        self._step_tokens = 0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:  # the step's timer starts at its first micro-batch
+            self._t0 = time.perf_counter()
+        self._step_tokens += batch["input_ids"][:, :-1].numel() * trainer.world_size
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not step_ends(trainer, batch_idx):
+            return
+        now = time.perf_counter()
+        if now > self._t0:
+            pl_module.log("train/tokens_per_s", self._step_tokens / (now - self._t0), on_step=True)
+            self.tokens += self._step_tokens
+            self.seconds += now - self._t0
+        self._t0, self._step_tokens = now, 0
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._t0 = None
 
 
 class NonFiniteError(RuntimeError):
@@ -47,7 +85,8 @@ class FaultCheckpoint(L.Callback):
         env = trainer._accelerator_connector.cluster_environment
         if not (isinstance(env, SLURMEnvironment) and env.auto_requeue) and hasattr(signal, "SIGUSR1"):
             # outside SLURM's requeue handling, SIGUSR1 means "stop and checkpoint", like SIGTERM
-            signal.signal(signal.SIGUSR1, lambda *_: setattr(trainer._signal_connector, "received_sigterm", True))
+            stop = lambda *_: setattr(trainer._signal_connector, "received_sigterm", True)  # noqa: E731
+            signal.signal(signal.SIGUSR1, stop)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

@@ -1,4 +1,5 @@
-"""The run-directory contract: summary.json (written atomically), provenance (git commit, versions).
+"""The run-directory contract: summary.json (RunSummary, written atomically), provenance (git commit,
+package versions).
 
 The report stage reads only run directories, so everything it needs is written here as plain JSON.
 """
@@ -10,10 +11,13 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
+from typing import Any
 
 SUMMARY = "summary.json"
-PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "wandb", "lm_eval", "datasets", "tokenizers", "remoe")
+PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "wandb", "lm_eval", "datasets", "tokenizers",
+            "remoe")
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -38,6 +42,99 @@ def write_text_atomic(path: str, text: str | bytes) -> None:
         raise
 
 
+def _f(default=None, *, identity: bool = False, required: bool = False, key: str | None = None):
+    """A summary field. identity: part of a setting's identity (the report never pools runs that differ in
+    one; seed aside); required: a completed run without it cannot be reported; key: its JSON name."""
+    return field(default=default, metadata={"identity": identity, "required": required, "key": key})
+
+
+@dataclass
+class RunSummary:
+    """summary.json, the one record of a run: training writes it (remoe.pipeline; the routing method adds
+    its own fields, routing.RoutingMethod.summary), evaluation adds `downstream`, the report reads it
+    (remoe.report.collect). A field that does not apply to a run (experts of a dense model, lambda of
+    TopK) is null; so is a field that a run written before it existed lacks."""
+
+    status: str = "running"  # running -> completed | failed | preempted
+    name: str | None = None  # the experiment (W&B group)
+    # the setting
+    model: str | None = _f(identity=True, required=True)  # the routing method: dense, topk, remoe
+    size: str | None = _f(identity=True, required=True)
+    experts: int | None = _f(identity=True, required=True)
+    topk: int | None = _f(identity=True, required=True)
+    granularity: int | None = _f(identity=True, required=True)
+    seed: int | None = _f(identity=True, required=True)
+    ffn_mult: int | None = _f(identity=True)
+    target_sparsity: float | None = None
+    regularizer: str | None = _f(identity=True)  # ReMoE
+    lambda0: float | None = _f(identity=True)  # ReMoE
+    alpha: float | None = _f(identity=True)  # ReMoE
+    aux_loss_coef: float | None = _f(identity=True)  # TopK
+    corpus: str | None = _f(identity=True)  # fingerprint of the training corpus
+    vocab_size: int | None = None
+    total_params: int | None = None
+    active_params: int | None = None
+    # the outcome
+    steps: int | None = _f(identity=True, required=True)
+    train_tokens: int | None = _f(identity=True, required=True)
+    val_loss: float | None = _f(required=True)
+    val_ppl: float | None = None
+    sparsity: float | None = None  # ReMoE: mean step sparsity over the last 10% of steps (<= 50)
+    sparsity_final: float | None = None  # the last step's sparsity (MoE)
+    lambda_: float | None = _f(key="lambda")  # ReMoE: lambda after the last step
+    settling_step: int | None = None  # ReMoE: first step from which sparsity stays within 0.05 of target
+    tokens_per_s: float | None = None  # training tokens/s over the fit, validation excluded
+    fit_time_s: float | None = None
+    wall_time_s: float | None = None
+    world_size: int | None = None
+    rank_states: dict | None = None  # the routing method's end state on every rank (must agree)
+    resumed_from: str | None = None
+    downstream: dict | None = None  # task -> metric -> value (lm-eval, stderrs included)
+    downstream_meta: dict | None = None
+    downstream_error: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    # provenance
+    git_commit: str | None = None
+    versions: dict | None = None
+    malloc: dict | None = None
+    run_dir: str | None = None
+
+    @staticmethod
+    def key(f) -> str:
+        return f.metadata.get("key") or f.name
+
+    @classmethod
+    def keys(cls, *, identity: bool = False, required: bool = False) -> list[str]:
+        """JSON keys of the fields, optionally only those marked identity / required."""
+        meta = [(f, f.metadata) for f in fields(cls)]
+        return [cls.key(f) for f, m in meta
+                if (m.get("identity") or not identity) and (m.get("required") or not required)]
+
+    def update(self, **values: Any) -> RunSummary:
+        """Set fields by their JSON keys; an undeclared key is an error (the contract is declared above)."""
+        names = {self.key(f): f.name for f in fields(self)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise KeyError(f"summary.json has no field {unknown} (declare it in runs.RunSummary)")
+        for k, v in values.items():
+            setattr(self, names[k], v)
+        return self
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {self.key(f): d[f.name] for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RunSummary:
+        """From a stored summary; keys this version does not declare are ignored."""
+        names = {cls.key(f): f.name for f in fields(cls)}
+        return cls(**{names[k]: v for k, v in d.items() if k in names})
+
+    def write(self, run_dir: str) -> None:
+        write_json_atomic(os.path.join(run_dir, SUMMARY), self.to_json())
+
+
 def read_summary(run_dir: str) -> dict | None:
     try:
         with open(os.path.join(run_dir, SUMMARY)) as f:
@@ -50,7 +147,8 @@ def git_commit(path: str | None = None) -> str | None:
     """Commit of the code that ran (with "-dirty" when the tree has uncommitted changes)."""
     cwd = path or os.path.dirname(os.path.abspath(__file__))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,

@@ -1,8 +1,8 @@
 """Read the metric history of an offline W&B run (`wandb/offline-run-*/run-*.wandb`) without a server.
 
 The .wandb file is a LevelDB-style log (32 KiB blocks, 7-byte record headers) of protobuf `Record`s;
-wandb itself offers no public reader in this release (PITFALLS.md #6), so the report and the tests use
-this one. Only history rows are decoded.
+wandb itself offers no public reader in this release (and offline runs do not reliably carry a
+wandb-summary.json), so the report and the tests use this one. Only history rows are decoded.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -18,7 +19,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_fns(fns: dict[str, Callable[[], None]], device: torch.device, reps: int = 10, warmup: int = 2) -> dict:
+def time_fns(fns: dict[str, Callable[[], None]], device: torch.device, reps: int = 10,
+             warmup: int = 2) -> dict:
     """Median seconds per call of each fn, the fns interleaved round by round (drift hits all alike)."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -34,8 +36,28 @@ def time_fns(fns: dict[str, Callable[[], None]], device: torch.device, reps: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torch._grouped_mm, which PyTorch's FlopCounterMode does not count (torch 2.13): each
+    row / contraction slice meets exactly one group's matrix."""
+    if len(a_shape) == 2 and len(b_shape) == 3:  # (N, K) x (E, K, M): rows grouped
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:  # (K, N) x (N, M) -> (E, K, M): contraction grouped
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 3:  # batched
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]  # (E, N, K) x (K, M): columns grouped
+
+
+def _register_grouped_mm_flops() -> None:
+    """Teach FlopCounterMode torch._grouped_mm (the MoE expert GEMMs); without it MoE FLOPs are
+    undercounted ~3x. Registered here, when counting, not at import of the model."""
+    if hasattr(torch, "_grouped_mm") and torch.ops.aten._grouped_mm not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+
+
 def count_flops(fn: Callable[[], None]) -> int:
     """FLOPs PyTorch counts for one call (matmuls and attention), as actually executed."""
+    _register_grouped_mm_flops()
     with FlopCounterMode(display=False) as fc:
         fn()
     return int(fc.get_total_flops())

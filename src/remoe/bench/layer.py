@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ..model import ModelConfig
+from ..model import METHODS, ModelConfig
+from ..model.experts import SwiGLU
 from ..model.moe import MoELayer
-from ..model.transformer import SwiGLU
+from ..model.stats import layer_sparsity
 from .common import DTYPES, time_fns
 
 
@@ -44,9 +45,12 @@ def bench_layer(d: int = 512, ffn: int = 1024, E: int = 8, k: int = 1, G: int = 
                 precision: str = "fp32", device: str = "cpu", reps: int = 10, mixtral: bool = True) -> dict:
     dev, dtype = torch.device(device), DTYPES[precision]
     torch.manual_seed(0)
-    mk = lambda r: MoELayer(ModelConfig(n_layer=1, d_model=d, n_head=8, n_kv_head=8, ffn_hidden=ffn, vocab_size=8,  # noqa: E731
-                                        router=r, experts=E, topk=k, granularity=G)).to(dev)
-    layers = {"topk": mk("topk"), "remoe": mk("relu"), "dense": SwiGLU(d, k * ffn).to(dev)}
+    def mk(method: str) -> MoELayer:
+        cfg = ModelConfig(n_layer=1, d_model=d, n_head=8, n_kv_head=8, ffn_hidden=ffn, vocab_size=8,
+                          routing=method, experts=E, topk=k, granularity=G)
+        return METHODS[method].build_ffn(cfg).to(dev)
+
+    layers = {"topk": mk("topk"), "remoe": mk("remoe"), "dense": SwiGLU(d, k * ffn).to(dev)}
     for m in layers.values():
         for p in m.parameters():
             torch.nn.init.normal_(p, std=0.02)
@@ -72,9 +76,10 @@ def bench_layer(d: int = 512, ffn: int = 1024, E: int = 8, k: int = 1, G: int = 
 
     t = time_fns({n: step(m) for n, m in layers.items()}, dev, reps=reps)
     with torch.no_grad():
-        g, _ = layers["remoe"].router(x)
-    return {"d": d, "ffn": ffn, "E": E, "k": k, "G": G, "tokens": tokens, "precision": precision, "device": device,
-            "seconds": t, "remoe_sparsity": float((g == 0).float().mean()),
+        nnz = (layers["remoe"].router(x).gates > 0).sum(0)
+    return {"d": d, "ffn": ffn, "E": E, "k": k, "G": G, "tokens": tokens, "precision": precision,
+            "device": device,
+            "seconds": t, "remoe_sparsity": float(layer_sparsity(nnz[None], [tokens])[0]),
             "ratio_topk_vs_dense": t["topk"] / t["dense"], "ratio_remoe_vs_dense": t["remoe"] / t["dense"],
             "speedup_vs_mixtral": (t["mixtral"] / t["topk"]) if "mixtral" in t else None,
             "speedup_vs_mixtral_gmm": (t["mixtral_gmm"] / t["topk"]) if "mixtral_gmm" in t else None}

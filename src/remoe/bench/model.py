@@ -9,29 +9,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import LambdaController, Transformer, layer_sparsity, preset
+from ..model import RoutingStats, Transformer, build_method, preset
 from .common import DTYPES, count_flops, matmul_peak, time_fns
 
 
 def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 200) -> float:
-    """Train on the batch with the controller until sparsity is within 0.02 of target 3 steps running.
-    All weights move (hidden states must develop the shared direction that lets ReLU zero gates; a
-    router-only fit cannot), which changes no shape, so no cost, of the timed steps."""
+    """Train on the batch with the method's controller (lambda0=1e-3, alpha=1.5) until sparsity is within
+    0.02 of target 3 steps running. All weights move (hidden states must develop the shared direction
+    that lets ReLU zero gates; a router-only fit cannot), which changes no shape, so no cost, of the
+    timed steps."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    ctl = LambdaController(model.cfg.target_sparsity, lambda0=1e-3, alpha=1.5)
+    method = build_method(model.cfg, lambda0=1e-3, alpha=1.5)
     s, ok = 0.0, 0
-    for _ in range(max_steps):
+    for i in range(max_steps):
         model.reset_routing_counts()
         out = model(batch[:, :-1])
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten()) + ctl.value * out.router_loss
+        lm = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss = lm + method.coefficient() * method.loss(out)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        s = layer_sparsity(*model.routing_counts()).mean().item()
+        stats = RoutingStats(i, *(t.numpy() for t in model.routing_counts()))
+        s = stats.sparsity
         ok = ok + 1 if abs(s - model.cfg.target_sparsity) < 0.02 else 0
         if ok == 3:
             break
-        ctl.update(s)
+        method.on_optimizer_step(stats)
     model.reset_routing_counts()
     return s
 
@@ -47,6 +50,7 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
         cfg = preset(size, name, vocab_size=vocab, experts=experts, topk=topk, granularity=granularity)
         S = seq or cfg.max_seq_len
         model = Transformer(cfg).to(dev)
+        method = build_method(cfg)
         ids = torch.randint(0, vocab, (batch, S + 1), device=dev)
         sparsity = calibrate_remoe(model, ids) if name == "remoe" else None
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -54,7 +58,8 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
         def train_step():
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = model(ids[:, :-1])
-                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten()) + 0.0 * out.router_loss
+                lm = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss = lm + 0.0 * method.loss(out)  # every router weight in the graph, as in training
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -73,11 +78,12 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
         model.eval()
         t_infer = time_fns({"t": infer_step}, dev, reps=reps)["t"]
         tokens = batch * S
-        rows.append({"model": name, "size": size, "experts": experts if name != "dense" else None,
-                     "granularity": granularity if name != "dense" else None, "topk": topk, "device": device,
+        rows.append({"model": name, "size": size, "experts": experts if method.moe else None,
+                     "granularity": granularity if method.moe else None, "topk": topk, "device": device,
                      "precision": precision, "tokens": tokens, "remoe_sparsity": sparsity,
                      "train_tokens_per_s": tokens / t_train, "infer_tokens_per_s": tokens / t_infer,
-                     "train_tflops": train_flops / t_train / 1e12, "infer_tflops": infer_flops / t_infer / 1e12,
+                     "train_tflops": train_flops / t_train / 1e12,
+                     "infer_tflops": infer_flops / t_infer / 1e12,
                      "train_mfu": train_flops / t_train / peak, "infer_mfu": infer_flops / t_infer / peak})
     by = {r["model"]: r for r in rows}
     if "topk" in by and "remoe" in by:
@@ -88,9 +94,11 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
 
 def paper_table(result: dict) -> str:
     lines = [f"matmul peak measured here: {result['peak_tflops']:.3f} TFLOPS",
-             "| model | train TFLOPS | train diff | train MFU | infer TFLOPS | infer diff | tokens/s (train) |",
+             "| model | train TFLOPS | train diff | train MFU | infer TFLOPS | infer diff "
+             "| tokens/s (train) |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['train_tflops']:.3f} | {r.get('train_diff', '')} | {100 * r['train_mfu']:.1f}% | "
-                     f"{r['infer_tflops']:.3f} | {r.get('infer_diff', '')} | {r['train_tokens_per_s']:.0f} |")
+        lines.append(f"| {r['model']} | {r['train_tflops']:.3f} | {r.get('train_diff', '')} | "
+                     f"{100 * r['train_mfu']:.1f}% | {r['infer_tflops']:.3f} | {r.get('infer_diff', '')} | "
+                     f"{r['train_tokens_per_s']:.0f} |")
     return "\n".join(lines)

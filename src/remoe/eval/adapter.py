@@ -29,7 +29,7 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> tuple[Transformer, 
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "tokenizer" not in ckpt:
         raise ValueError(f"{path}: not a remoe checkpoint (no model config or tokenizer inside)")
-    model = Transformer(ModelConfig.from_dict(hp["model"]))
+    model = Transformer(ModelConfig.from_dict(hp["model"]))  # reads old checkpoints' model dicts too
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), hp

@@ -49,13 +49,14 @@ def check_tasks(suite: str, tasks: list[str] | None, include_path: str | None = 
     if suite == "paper" and not hub_reachable():
         raise HubUnavailable(
             "eval=paper needs the HuggingFace hub to download ARC, BoolQ, HellaSwag, LAMBADA, PIQA and RACE, "
-            "and it cannot be reached from here. Use eval=local (offline tasks built from the held-out split), "
-            "or run where the hub is reachable (or with those datasets already in the HF cache).")
+            "and it cannot be reached from here. Use eval=local (offline tasks built from the held-out "
+            "split), or run where the hub is reachable (or with those datasets already in the HF cache).")
     return names
 
 
 def flatten(results: dict) -> dict:
-    """lm-eval's {"task": {"acc,none": v, "acc_stderr,none": s, "alias": ...}} -> {"task": {"acc": v, ...}}."""
+    """lm-eval's {"task": {"acc,none": v, "acc_stderr,none": s, "alias": ...}} ->
+    {"task": {"acc": v, ...}}."""
     out = {}
     for task, metrics in results.get("results", {}).items():
         row = {}
@@ -80,21 +81,38 @@ def evaluate(lm, tasks: list[str], include_path: str | None = None, limit: int |
     )
 
 
-def store(run_dir: str, results: dict, suite: str, summary: dict | None = None) -> dict:
-    """Write lm_eval_results.json and the summary's `downstream` (atomically) into `summary` (default:
-    the run's summary.json); returns downstream."""
+def store(run_dir: str, results: dict, suite: str) -> dict:
+    """Write lm_eval_results.json and add `downstream` + `downstream_meta` to the run's summary.json
+    (atomically, every other field kept as stored); returns those two fields."""
     write_json_atomic(os.path.join(run_dir, "lm_eval_results.json"), results)
-    downstream = flatten(results)
-    summary = summary if summary is not None else (read_summary(run_dir) or {})
-    summary["downstream"] = downstream
-    summary["downstream_meta"] = {"suite": suite, "lm_eval": results.get("versions", {}),
-                                  "n_samples": results.get("n-samples", {})}
-    write_json_atomic(os.path.join(run_dir, SUMMARY), summary)
-    return downstream
+    fields = {"downstream": flatten(results),
+              "downstream_meta": {"suite": suite, "lm_eval": results.get("versions", {}),
+                                  "n_samples": results.get("n-samples", {})}}
+    write_json_atomic(os.path.join(run_dir, SUMMARY), {**(read_summary(run_dir) or {}), **fields})
+    return fields
 
 
 def dumps(results: dict) -> str:
     return json.dumps(flatten(results), indent=2, sort_keys=True)
+
+
+def evaluate_model(model, tokenizer, e, run_dir: str, *, datamodule=None, seed: int = 0, device: str = "cpu",
+                   dtype: str = "float32") -> tuple[dict, dict]:
+    """lm-eval on a model, results stored in its run directory: (lm-eval's results, the summary fields
+    written). `e` is an eval config (conf/eval); the local suite is built from `datamodule`'s held-out
+    split. Used by training (the final model) and by src/evaluate.py (a checkpoint)."""
+    from .adapter import RemoeLM
+    from .tasks import build_local_tasks
+
+    include = None
+    if e.suite == "local":
+        include = build_local_tasks(datamodule.validation_texts(), os.path.join(datamodule.cache_dir, "eval"),
+                                    n=e.n_docs)
+    lm = RemoeLM(model=model, tokenizer=tokenizer, device=device, batch_size=e.batch_size, dtype=dtype)
+    tasks = list(e.tasks) if e.tasks else list(SUITES[e.suite])
+    results = evaluate(lm, tasks, include_path=include, limit=e.limit, bootstrap_iters=e.bootstrap_iters,
+                       seed=seed)
+    return results, store(run_dir, results, e.suite)
 
 
 def evaluate_checkpoint(cfg) -> dict:
@@ -103,23 +121,17 @@ def evaluate_checkpoint(cfg) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from .adapter import RemoeLM, load_checkpoint
-    from .tasks import build_local_tasks
+    from .adapter import load_checkpoint
 
     ckpt = os.path.abspath(cfg.checkpoint)
     run_dir = cfg.out or os.path.dirname(os.path.dirname(ckpt))
     model, tokenizer, _ = load_checkpoint(ckpt)
-    include = None
+    dm = None
     if cfg.eval.suite == "local":
         resolved = os.path.join(run_dir, "config_resolved.yaml")
         if not os.path.exists(resolved):
             raise FileNotFoundError(f"eval=local needs the run's config_resolved.yaml (looked in {run_dir})")
         dm = instantiate(OmegaConf.load(resolved).data)
-        include = build_local_tasks(dm.validation_texts(), os.path.join(dm.cache_dir, "eval"), n=cfg.eval.n_docs)
-    lm = RemoeLM(model=model, tokenizer=tokenizer, device=cfg.device, batch_size=cfg.eval.batch_size,
-                 dtype=cfg.dtype)
-    tasks = list(cfg.eval.tasks) if cfg.eval.tasks else list(SUITES[cfg.eval.suite])
-    results = evaluate(lm, tasks, include_path=include, limit=cfg.eval.limit,
-                       bootstrap_iters=cfg.eval.bootstrap_iters, seed=cfg.seed)
-    store(run_dir, results, cfg.eval.suite)
+    results, _ = evaluate_model(model, tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed,
+                                device=cfg.device, dtype=cfg.dtype)
     return results

@@ -1,5 +1,8 @@
-from .config import PRESETS, ModelConfig, preset
+from .config import ModelConfig, preset
 from .regularizers import LambdaController
-from .transformer import ModelOutput, Transformer, layer_sparsity
+from .routing import METHODS, RoutingMethod, build_method
+from .stats import RoutingStats, layer_sparsity
+from .transformer import ModelOutput, Transformer
 
-__all__ = ["PRESETS", "ModelConfig", "preset", "LambdaController", "ModelOutput", "Transformer", "layer_sparsity"]
+__all__ = ["ModelConfig", "preset", "LambdaController", "METHODS", "RoutingMethod", "build_method",
+           "RoutingStats", "layer_sparsity", "ModelOutput", "Transformer"]

@@ -1,17 +1,24 @@
-"""One typed config per model, presets by name, parameter counts from the config alone.
+"""The architecture of one model: a frozen, typed config; presets by name; parameter counts.
 
-Follows ../shared/spec/METHOD.md: LLaMA backbone (RoPE base 1e6, 4 GQA groups, SwiGLU with
-ffn_hidden = 4 x hidden, untied embeddings, no biases) and the paper's Table 1 presets.
+Architecture only. How a routing method is trained (aux-loss coefficient, ReMoE's lambda0/alpha, TopK
+warm-up) belongs to the method object (routing.py); the schedule and optimiser to the training config.
+Backbone (the paper's, Sec. 4 / Table 1): LLaMA with RoPE base 1e6, grouped-query attention, SwiGLU FFN
+with ffn_hidden = 4 x d_model, untied embeddings, no biases. The presets' numbers live in
+conf/size/<name>.yaml (`arch:`), the one place they are written; `preset()` reads them from there.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-ROUTERS = (None, "topk", "relu")
-REGULARIZERS = ("lb_l1", "l1")
-# model name used in configs/reports -> router
-VARIANTS = {"dense": None, "topk": "topk", "remoe": "relu"}
+
+class ConfigFieldError(ValueError):
+    """A bad architecture value; `.field` names the ModelConfig field, so callers can name their own key."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(f"{field}: {msg}")
+        self.field, self.msg = field, msg
 
 
 @dataclass(frozen=True)
@@ -28,50 +35,46 @@ class ModelConfig:
     rope_base: float = 1e6
     norm_eps: float = 1e-5
     init_std: float = 0.01
-    # MoE: router None = dense FFN; "topk" = softmax-then-top-k; "relu" = ReMoE
-    router: str | None = None
+    # The FFN: "dense" or the name of a routing method (routing.METHODS) whose router feeds E*G experts
+    routing: str = "dense"
     experts: int = 8
     topk: int = 1
     granularity: int = 1
-    aux_loss_coef: float = 1e-2  # TopK Switch load-balancing loss coefficient
-    regularizer: str = "lb_l1"  # ReMoE: load-balancing refined L1, or plain "l1"
-    lambda0: float = 1e-8  # ReMoE adaptive coefficient: initial value
-    alpha: float = 1.2  # ... and multiplicative step
-    warmup_topk: int | None = None  # TopK "near-dense warm-up": this k for the first warmup_steps steps
-    warmup_steps: int = 0
 
     def __post_init__(self):
+        from .routing import METHODS  # routing builds on this module
+
         def need(ok: bool, name: str, msg: str):
             if not ok:
-                raise ValueError(f"{name}: {msg} (got {getattr(self, name)!r})")
+                raise ConfigFieldError(name, f"{msg} (got {getattr(self, name)!r})")
+
+        def positive_int(name: str):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, name, "must be a positive int")
 
         for name in ("n_layer", "d_model", "n_head", "n_kv_head", "vocab_size", "max_seq_len"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+            positive_int(name)
         need(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}")
         need(self.n_head % self.n_kv_head == 0, "n_kv_head", f"must divide n_head={self.n_head}")
         need((self.d_model // self.n_head) % 2 == 0, "n_head", "head dim must be even for RoPE")
-        need(self.ffn_mult >= 1, "ffn_mult", "must be >= 1")
-        need(self.router in ROUTERS, "router", f"unknown router; choose one of {ROUTERS}")
-        if self.router is None:
+        need(isinstance(self.ffn_mult, int) and self.ffn_mult >= 1, "ffn_mult", "must be an int >= 1")
+        need(self.routing in METHODS, "routing", f"unknown routing method; choose one of {sorted(METHODS)}")
+        if not self.is_moe:
             return
         need(self.ffn_mult == 1, "ffn_mult", "only the dense model can be widened")
-        need(isinstance(self.experts, int) and self.experts > 0, "experts", "must be a positive int")
-        need(isinstance(self.topk, int) and self.topk > 0, "topk", "must be a positive int")
+        for name in ("experts", "topk", "granularity"):
+            positive_int(name)
         need(self.topk <= self.experts, "topk", f"must be <= experts={self.experts}")
-        need(isinstance(self.granularity, int) and self.granularity > 0, "granularity", "must be a positive int")
-        need(
-            self.ffn % self.granularity == 0,
-            "granularity",
-            f"must divide ffn_hidden={self.ffn} (each of E*G experts has ffn_hidden/G units)",
-        )
-        need(self.regularizer in REGULARIZERS, "regularizer", f"choose one of {REGULARIZERS}")
-        need(self.lambda0 > 0, "lambda0", "must be > 0")
-        if self.warmup_topk is not None:
-            need(self.router == "topk", "warmup_topk", "near-dense warm-up is for the topk router")
-            need(self.topk <= self.warmup_topk <= self.experts, "warmup_topk", f"must be in [topk, experts={self.experts}]")
-        need(self.alpha > 1, "alpha", "must be > 1")
+        need(self.ffn % self.granularity == 0, "granularity",
+             f"must divide ffn_hidden={self.ffn} (each of E*G experts has ffn_hidden/G units)")
 
     # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        from .routing import METHODS
+
+        return METHODS[self.routing].moe
+
     @property
     def ffn(self) -> int:
         return self.ffn_hidden if self.ffn_hidden is not None else 4 * self.d_model
@@ -84,10 +87,6 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.vocab_multiple
         return ((self.vocab_size + m - 1) // m) * m
-
-    @property
-    def is_moe(self) -> bool:
-        return self.router is not None
 
     @property
     def n_experts(self) -> int:
@@ -105,11 +104,14 @@ class ModelConfig:
 
     @property
     def target_sparsity(self) -> float:
+        """1 - k/E: the share of zero gates at k of E experts per token (ReMoE's controller target)."""
         return 1.0 - self.n_active / self.n_experts
 
     # ---- parameter counts ----------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
         """Exact parameter counts of `Transformer(self)`; tested against the module."""
+        from .routing import METHODS
+
         d, V = self.d_model, self.padded_vocab_size
         embed = 2 * V * d  # untied input embedding and output head
         kv = self.n_kv_head * self.head_dim
@@ -117,7 +119,7 @@ class ModelConfig:
         norms = 2 * d
         if self.is_moe:
             expert = 3 * d * self.expert_ffn
-            router = d * self.n_experts
+            router = METHODS[self.routing].router_params(self)
             ffn_total = self.n_experts * expert + router
             ffn_active = self.n_active * expert + router
         else:
@@ -132,30 +134,44 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+        """From to_dict(); also reads the model dict of checkpoints written before the routing methods
+        (router None/"topk"/"relu" + training knobs inside): see `split_legacy`."""
+        arch, _ = split_legacy(d)
+        unknown = set(arch) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def with_(self, **kw) -> ModelConfig:
-        return replace(self, **kw)
+        return cls(**arch)
 
 
-# Paper presets (Table 1) and CPU presets. Vocabulary is set by the tokenizer at build time.
-PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=128, vocab_multiple=64),
-    "small": dict(n_layer=4, d_model=256, n_head=8, n_kv_head=4, max_seq_len=256, vocab_multiple=64),
-    "182m": dict(n_layer=12, d_model=768, n_head=12, n_kv_head=4),
-    "469m": dict(n_layer=24, d_model=1024, n_head=16, n_kv_head=4),
-    "978m": dict(n_layer=24, d_model=1536, n_head=16, n_kv_head=4),
-}
+# Checkpoints before the routing-method objects stored the method as `router` and its training knobs in
+# the model config. They still load: the router name maps to the method, the knobs come back separately.
+LEGACY_ROUTER = {None: "dense", "topk": "topk", "relu": "remoe"}
+LEGACY_KNOBS = ("aux_loss_coef", "regularizer", "lambda0", "alpha", "warmup_topk", "warmup_steps")
 
 
-def preset(name: str, variant: str = "dense", **overrides) -> ModelConfig:
-    """`preset("182m", "remoe", experts=8)` -> ModelConfig."""
-    if name not in PRESETS:
-        raise ValueError(f"size: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"model: unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    return ModelConfig(**{**PRESETS[name], "router": VARIANTS[variant], **overrides})
+def split_legacy(d: dict) -> tuple[dict, dict]:
+    """(architecture fields, routing-method knobs) of a stored model dict, old or new."""
+    d = dict(d)
+    if "router" in d:
+        d["routing"] = LEGACY_ROUTER[d.pop("router")]
+    knobs = {k: d.pop(k) for k in LEGACY_KNOBS if k in d}
+    return d, knobs
+
+
+CONF_SIZE_DIR = Path(__file__).resolve().parents[3] / "conf" / "size"
+
+
+def preset_arch(name: str) -> dict:
+    """The architecture numbers of a size preset, read from conf/size/<name>.yaml (`arch:`)."""
+    from omegaconf import OmegaConf
+
+    path = CONF_SIZE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_SIZE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+        raise ValueError(f"size: unknown preset {name!r}; choose one of {known}")
+    return OmegaConf.to_container(OmegaConf.load(path).arch, resolve=True)
+
+
+def preset(name: str, routing: str = "dense", **overrides) -> ModelConfig:
+    """`preset("182m", "remoe", experts=8)` -> ModelConfig (the vocabulary comes from the tokenizer)."""
+    return ModelConfig(**{**preset_arch(name), "routing": routing, **overrides})

@@ -8,6 +8,7 @@ narrower, and on torch builds that have it `torch._grouped_mm` runs all experts 
 kernel refuses). Per routed pair p = (token t, expert e, gate g):
     y[t] += g * SwiGLU_e(x[t]) = g * (silu(x[t] W1_e) * (x[t] W3_e)) W2_e
 W1|W3 are stored fused as w13 (E, d, 2f): [..., :f] is the gate branch W1, [..., f:] the up branch W3.
+SwiGLU, the dense FFN, is here too: the same math for one expert that sees every token.
 """
 
 from __future__ import annotations
@@ -15,25 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import flop_counter
 
 from .dispatch import Routing, pad_groups
 
-
-def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of torch._grouped_mm, which PyTorch's FlopCounterMode does not count (torch 2.13): each
-    row / contraction slice meets exactly one group's matrix."""
-    if len(a_shape) == 2 and len(b_shape) == 3:  # (N, K) x (E, K, M): rows grouped
-        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
-    if len(a_shape) == 2 and len(b_shape) == 2:  # (K, N) x (N, M) -> (E, K, M): contraction grouped
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-    if len(a_shape) == 3 and len(b_shape) == 3:  # batched
-        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
-    return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]  # (E, N, K) x (K, M): columns grouped
-
-
-if hasattr(torch, "_grouped_mm") and torch.ops.aten._grouped_mm not in flop_counter.flop_registry:
-    flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
 
 _GMM_BROKEN: set = set()  # (device type, dtype, kind) where torch._grouped_mm raised: use the loop
 
@@ -44,7 +29,8 @@ def _gmm_ok(t: torch.Tensor, kind: str) -> bool:
     return t.dtype in (torch.float32, torch.bfloat16) if t.device.type == "cpu" else t.dtype == torch.bfloat16
 
 
-def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int], trans_b: bool = False) -> torch.Tensor:
+def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int],
+        trans_b: bool = False) -> torch.Tensor:
     """Grouped a @ b: a (N, K) rows grouped by expert (counts), b (E, K, M) -> (N, M).
     trans_b: b is (E, M, K) and b[e]^T is used."""
     bt = b.transpose(-2, -1) if trans_b else b
@@ -141,14 +127,12 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * ffn))  # gate W1 | up W3
         self.w2 = nn.Parameter(torch.empty(n_experts, ffn, d_model))  # down
-        self.rows_computed = 0  # work counter: (token, expert) rows fed through an expert
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: (T, d) -> (T, d) = sum over each token's routed pairs of gate * expert output.
         Only routed pairs are computed; tokens with no pair get 0."""
-        n = routing.token_idx.numel()
-        self.rows_computed += n
-        if n == 0:  # keep every weight in the graph (DDP's reducer needs a grad, of zeros, on every rank)
+        # no routed pair: keep every weight in the graph (DDP's reducer needs a grad, of zeros, on every rank)
+        if routing.token_idx.numel() == 0:
             return x.new_zeros(x.shape) + 0.0 * (self.w13.sum() + self.w2.sum()) + 0.0 * routing.weights.sum()
         cdt = _compute_dtype(x)
         if x.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
@@ -156,3 +140,18 @@ class GroupedExperts(nn.Module):
         offs = torch.cumsum(routing.counts, 0, dtype=torch.int32)
         counts = routing.counts.tolist()
         return _ExpertsFn.apply(x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts, cdt)
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN: W2 (silu(x W1) * (x W3)), hidden width ffn (x ffn_mult for "Dense xM")."""
+
+    def __init__(self, d_model: int, ffn: int):
+        super().__init__()
+        self.ffn = ffn
+        self.w13 = nn.Linear(d_model, 2 * ffn, bias=False)  # gate W1 | up W3, one GEMM (as the experts)
+        self.w2 = nn.Linear(ffn, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(y, None): a dense FFN has no router output."""
+        a, b = self.w13(x).split(self.ffn, dim=-1)
+        return self.w2(F.silu(a) * b), None

@@ -1,4 +1,5 @@
-"""Routing losses and the ReMoE adaptive-lambda controller (METHOD.md).
+"""Routing losses and the ReMoE adaptive-lambda controller (the paper, Sec. 3.3: Eq. for L_reg with load
+balancing, and the controller lambda_{i+1} = lambda_i * alpha^sign(target - S_i)).
 
 Per-layer losses take one layer's (T, E) gates; E and k are the fine-grained E*G and k*G.
 The counts in every load-balancing term are constants: no gradient flows through them.

@@ -1,15 +1,23 @@
 """Routers: token -> gate values over the E*G (fine-grained) experts.
 
-Both return a dense (T, E) gate matrix whose zeros mean "not routed"; dispatch computes only the
-non-zero (token, expert) pairs. Routing runs in float32 (or float64 if the input is), outside autocast,
-so that which gates are zero does not depend on bf16 rounding.
+Each returns a RouterOutput: a dense (T, E) gate matrix whose zeros mean "not routed" (dispatch computes
+only the non-zero (token, expert) pairs), and the scores its method's loss needs. Routing runs in
+float32 (or float64 if the input is), outside autocast, so that which gates are zero does not depend on
+bf16 rounding.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class RouterOutput(NamedTuple):
+    gates: torch.Tensor  # (T, E): weight of each expert's output; 0 = not routed
+    scores: torch.Tensor | None  # (T, E) softmax probabilities (TopK), or None
 
 
 def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -29,11 +37,11 @@ class TopKRouter(nn.Module):
         self.k = k
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> RouterOutput:
         probs = _router_logits(x, self.weight).softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
-        return gates, probs
+        return RouterOutput(gates, probs)
 
 
 class ReLURouter(nn.Module):
@@ -43,5 +51,5 @@ class ReLURouter(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return F.relu(_router_logits(x, self.weight)), None
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        return RouterOutput(F.relu(_router_logits(x, self.weight)), None)

@@ -1,8 +1,10 @@
-"""The LLaMA-style decoder shared by dense, TopK MoE and ReMoE (METHOD.md "Backbone").
+"""The LLaMA-style decoder shared by every routing method (the paper's backbone, Sec. 4 / Table 1).
 
 Pre-norm blocks: RMSNorm -> causal GQA attention with RoPE -> residual; RMSNorm -> FFN -> residual.
-The FFN is a SwiGLU (dense, optionally ffn_mult x wider) or an MoELayer. No biases, no dropout,
-untied embedding and head, every weight initialised N(0, init_std).
+The FFN is built by the config's routing method: a SwiGLU (dense, optionally ffn_mult x wider) or an
+MoELayer with the method's router. No biases, no dropout, untied embedding and head, every weight
+initialised N(0, init_std). The forward returns the logits and every MoE layer's router output (gates),
+from which the routing method computes its loss and the analyses read the routing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .moe import MoELayer
+from .routers import RouterOutput
+from .routing import METHODS
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,38 +55,23 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, ffn: int):
-        super().__init__()
-        self.ffn = ffn
-        self.w13 = nn.Linear(d_model, 2 * ffn, bias=False)  # gate W1 | up W3, one GEMM (as the experts)
-        self.w2 = nn.Linear(ffn, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.w13(x).split(self.ffn, dim=-1)
-        return self.w2(F.silu(a) * b), x.new_zeros(())
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = MoELayer(cfg) if cfg.is_moe else SwiGLU(cfg.d_model, cfg.ffn * cfg.ffn_mult)
+        self.ffn = METHODS[cfg.routing].build_ffn(cfg)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        y, router_loss = self.ffn(self.ffn_norm(x))
-        return x + y, router_loss
+        y, routed = self.ffn(self.ffn_norm(x))
+        return x + y, routed
 
 
 class ModelOutput(NamedTuple):
     logits: torch.Tensor
-    # TopK: Switch aux loss summed over layers. ReMoE: L_reg averaged over layers, i.e. the
-    # 1/(L T) normalisation of METHOD.md (the official code sums; lambda absorbs the factor L).
-    # Dense: 0.
-    router_loss: torch.Tensor
+    routing: tuple[RouterOutput, ...]  # one per MoE layer, in depth order; () for the dense model
 
 
 class Transformer(nn.Module):
@@ -111,13 +100,12 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         x = self.tok_emb(idx)
-        losses = []
+        routing = []
         for block in self.blocks:
-            x, router_loss = block(x, cos, sin)
-            losses.append(router_loss)
-        logits = self.lm_head(self.norm(x))
-        total = torch.stack(losses).sum() if self.cfg.router == "topk" else torch.stack(losses).mean()
-        return ModelOutput(logits, total)
+            x, routed = block(x, cos, sin)
+            if routed is not None:
+                routing.append(routed)
+        return ModelOutput(self.lm_head(self.norm(x)), tuple(routing))
 
     # ---- routing statistics (MoE only) -----------------------------------------------------
     def moe_layers(self) -> list[MoELayer]:
@@ -128,17 +116,7 @@ class Transformer(nn.Module):
         layers = self.moe_layers()
         return (torch.stack([m.routed_counts for m in layers]), torch.stack([m.tokens_seen for m in layers]))
 
-    def set_topk(self, k: int) -> None:
-        """TopK only: route to k (x G) experts from now on (near-dense warm-up)."""
-        for m in self.moe_layers():
-            m.k = m.router.k = k * self.cfg.granularity
-
     def reset_routing_counts(self) -> None:
         for m in self.moe_layers():
             m.reset_stats()
 
-
-def layer_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-layer share of zero gates, 1 - nnz/(T E), from routing_counts()."""
-    E = counts.shape[-1]
-    return 1.0 - counts.sum(-1).double() / (tokens.double().clamp_min(1) * E)

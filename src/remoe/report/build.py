@@ -9,12 +9,11 @@ import logging
 import os
 
 from . import figures, tables
+from ..runs import RunSummary
 from .collect import collect
 
 log = logging.getLogger("remoe.report")
 
-IDENTITY = ["model", "size", "experts", "topk", "granularity", "seed", "regularizer", "aux_loss_coef", "lambda0",
-            "alpha", "ffn_mult", "steps", "train_tokens", "corpus"]
 TITLES = {
     "routing_methods": "Routing methods (paper Table 2 layout)",
     "scaling_size": "Scaling in model size N",
@@ -52,12 +51,8 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
                 col.skipped.append((p, f"corrupt bench JSON ({type(e).__name__})"))
     made_tables, made_figs = {}, []
     if len(df):
-        for col_name in ("regularizer", "aux_loss_coef", "lambda0", "alpha", "ffn_mult", "settling_step",
-                         "tokens_per_s"):
-            if col_name not in df:
-                df[col_name] = None
         # the same configuration and seed run by two sweeps is one sample, not two
-        ident = [c for c in IDENTITY if c in df]
+        ident = RunSummary.keys(identity=True)
         dup = df.astype({c: str for c in ident}).duplicated(subset=ident, keep="first")
         for d in df[dup]["run_dir"]:
             col.skipped.append((d, "duplicate of an identical configuration and seed (counted once)"))

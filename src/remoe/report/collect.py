@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..runs import SUMMARY
+from ..model.stats import expert_share
+from ..runs import SUMMARY, RunSummary
 
 log = logging.getLogger("remoe.report")
-KEYS = ["model", "size", "experts", "topk", "granularity", "seed", "val_loss", "steps", "train_tokens"]
 
 
 @dataclass
@@ -41,25 +41,6 @@ def _flatten(summary: dict) -> dict:
     return row
 
 
-CONFIG_FIELDS = {"regularizer": "relu", "lambda0": "relu", "alpha": "relu", "aux_loss_coef": "topk", "ffn_mult": None}
-
-
-def _fill_from_config(row: dict, run_dir: str) -> None:
-    """Runs recorded before a summary field existed: take the method settings from config_resolved.yaml."""
-    missing = [k for k in CONFIG_FIELDS if k not in row]
-    path = os.path.join(run_dir, "config_resolved.yaml")
-    if not missing or not os.path.exists(path):
-        return
-    from omegaconf import OmegaConf
-
-    model = OmegaConf.to_container(OmegaConf.load(path).model)
-    router = {"dense": None, "topk": "topk", "remoe": "relu"}.get(row.get("model"))
-    defaults = {"ffn_mult": 1, "regularizer": "lb_l1", "lambda0": 1e-8, "alpha": 1.2, "aux_loss_coef": 1e-2}
-    for k in missing:
-        if CONFIG_FIELDS[k] in (None, router):
-            row[k] = model.get(k, defaults[k])
-
-
 def collect(roots: list[str]) -> Collection:
     rows, skipped = [], []
     for d in run_dirs(roots):
@@ -74,7 +55,7 @@ def collect(roots: list[str]) -> Collection:
                 reason = f"failed: {s.get('error', '?')}"
             elif s.get("status") != "completed":
                 reason = f"incomplete (status {s.get('status')!r})"
-            elif missing := [k for k in KEYS if k not in s]:
+            elif missing := [k for k in RunSummary.keys(required=True) if k not in s]:
                 reason = f"summary.json lacks {missing}"
         except FileNotFoundError:
             reason = "incomplete: no summary.json"
@@ -84,14 +65,13 @@ def collect(roots: list[str]) -> Collection:
             log.warning("report: skipping %s: %s", d, reason)
             skipped.append((d, reason))
             continue
-        row = _flatten(s)
+        row = _flatten(RunSummary.from_json(s).to_json())  # every declared field a column (null if absent)
         row["run_dir"] = d
-        _fill_from_config(row, d)
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):
-        df = df.sort_values(["model", "size", "experts", "granularity", "seed", "run_dir"], na_position="first",
-                            kind="mergesort").reset_index(drop=True)
+        df = df.sort_values(["model", "size", "experts", "granularity", "seed", "run_dir"],
+                            na_position="first", kind="mergesort").reset_index(drop=True)
     return Collection(df, skipped)
 
 
@@ -111,8 +91,7 @@ def routing_share(run_dir: str):
     recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
     if not recs:
         return None
-    counts = np.sum([r["counts"] for r in recs[len(recs) // 2 :]], axis=0).astype(float)
-    return counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    return expert_share(np.sum([r["counts"] for r in recs[len(recs) // 2 :]], axis=0))
 
 
 def read_analysis(run_dir: str) -> dict | None:

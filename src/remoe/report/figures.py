@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..model.stats import expert_share  # noqa: E402
 from .collect import INACTIVE, read_analysis, read_jsonl, read_metrics, routing_share  # noqa: E402
 
 COLORS = {"dense": "tab:gray", "topk": "tab:blue", "remoe": "tab:red"}
@@ -120,7 +121,7 @@ def domain_plot(run_dir: str, out_dir: str, name: str) -> str | None:
     width = 0.8 / max(1, len(doms))
     for i, (dom, c) in enumerate(sorted(doms.items())):
         c = np.array(c, float).sum(0)  # over layers
-        share = c / c.sum() if c.sum() else c
+        share = expert_share(c)
         ax.bar(np.arange(len(share)) + i * width, share, width, label=dom)
     ax.set_xlabel("expert")
     ax.set_ylabel("routed-token share")

@@ -1,4 +1,5 @@
-"""The paper's reported numbers (../shared/spec/PAPER_TABLES.md), for labelled comparison rows only."""
+"""The paper's reported numbers (Wang et al., ICLR 2025: Tables 2, 3, 5-7 and Figs. 4-6), for labelled
+comparison rows only, never as test expectations."""
 
 SETTING = "paper: 182M active, The Pile, 30B tokens"
 TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "lambada_openai", "piqa", "race"]

@@ -11,7 +11,8 @@ import pandas as pd
 
 from . import paper
 
-# Which lm-eval metric stands for a task in the tables (PITFALLS.md #13: the paper's numbers line up with acc).
+# Which lm-eval metric stands for a task in the tables (lm-eval returns acc and acc_norm; the paper's
+# numbers line up with acc).
 TASK_METRIC = {"remoe_cloze": "acc", "remoe_choice": "acc", **{t: "acc" for t in paper.TASKS}}
 TASK_LABEL = {"remoe_cloze": "Cloze", "remoe_choice": "Choice", "arc_challenge": "ARC-c", "arc_easy": "ARC-e",
               "boolq": "BoolQ", "hellaswag": "HellaSwag", "lambada_openai": "LAMBADA", "piqa": "PIQA", "race": "RACE"}

@@ -1,0 +1,255 @@
+"""Routing methods: one object per method owns everything that differs between methods.
+
+A method builds the FFN of each block (its router feeding the grouped experts; architecture only, so a
+stored model is rebuilt from its ModelConfig alone), turns the layers' router outputs into its routing
+loss (per layer, then combined over layers), holds the loss coefficient and any controller state
+(ReMoE's lambda) updated once per optimizer step from the all-reduced routing counts, checkpoints that
+state, and names what it adds to the logs and to summary.json. The transformer, the LightningModule and
+the pipeline call this interface and never compare a method's name.
+
+Adding a method: a subclass with a new `name` here (it registers itself in METHODS), a
+conf/model/<name>.yaml whose keys are ModelConfig fields (architecture) or the class's __init__
+arguments (training knobs), and tests (a float64 naive reference for outputs and every gradient).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from .config import ConfigFieldError
+from .experts import SwiGLU
+from .moe import MoELayer
+from .regularizers import LambdaController, l1_loss, lb_l1_loss, switch_aux_loss
+from .routers import ReLURouter, TopKRouter
+from .stats import RoutingStats
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .transformer import ModelOutput, Transformer
+
+METHODS: dict[str, type[RoutingMethod]] = {}
+
+
+def settling_step(series: list[float], target: float, band: float = 0.05) -> int | None:
+    """First index from which |S - target| <= band holds to the end of `series`; None if never."""
+    last_out = -1
+    for i, s in enumerate(series):
+        if abs(s - target) > band:
+            last_out = i
+    return last_out + 1 if last_out + 1 < len(series) else None
+
+
+def tail_mean(xs: list[float], frac: float = 0.1, cap: int = 50) -> float | None:
+    """Mean of the last 10% of a series (at most 50 values): a late-training level, not one step's noise."""
+    if not xs:
+        return None
+    n = max(1, min(cap, int(len(xs) * frac)))
+    return sum(xs[-n:]) / n
+
+
+class RoutingMethod:
+    """The interface, and the dense FFN's (trivial) implementation of it: no router, no loss, no state."""
+
+    name: ClassVar[str]
+    moe: ClassVar[bool] = True  # the FFN is an MoE layer (routing statistics exist)
+    loss_name: ClassVar[str | None] = None  # logged as train/<loss_name> and train/weighted_<loss_name>
+    progress_bar: ClassVar[tuple[str, ...]] = ()  # logged keys to show in the progress bar
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            METHODS[cls.name] = cls
+
+    def __init__(self, cfg: ModelConfig):
+        if cfg.routing != self.name:
+            raise ValueError(f"routing method {self.name!r} given a model config for {cfg.routing!r}")
+        self.cfg = cfg
+        self.sparsity_history: list[float] = []  # S_i of each optimizer step this process ran
+        self.history_start = 0  # global step of sparsity_history[0] (> 0 after a resume)
+
+    # ---- model side: architecture only ----------------------------------------------------------
+    @classmethod
+    def build_ffn(cls, cfg: ModelConfig) -> nn.Module:
+        return MoELayer(cfg, cls.build_router(cfg))
+
+    @classmethod
+    def build_router(cls, cfg: ModelConfig) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def router_params(cls, cfg: ModelConfig) -> int:
+        return cfg.d_model * cfg.n_experts
+
+    # ---- training side ------------------------------------------------------------------------
+    def loss(self, out: ModelOutput) -> torch.Tensor:
+        """The routing loss over all layers, before its coefficient."""
+        return out.logits.new_zeros(())
+
+    def coefficient(self) -> float:
+        """The routing loss's weight in this step: loss = L_lm + coefficient() * loss(out)."""
+        return 0.0
+
+    def on_train_step_start(self, step: int, model: Transformer) -> None:
+        """Before each training micro-batch of optimizer step `step`."""
+
+    def on_optimizer_step(self, stats: RoutingStats) -> dict[str, float]:
+        """After each optimizer step, with that step's all-reduced counts: update state; returns what to log
+        (the values used in the step just taken)."""
+        self.sparsity_history.append(stats.sparsity)
+        return {}
+
+    def rank_state(self) -> dict[str, float] | None:
+        """Values every data-parallel rank must agree on at the end of training (checked by all-gather)."""
+        return None
+
+    def state_dict(self) -> dict:
+        """Checkpointed state, plain Python values (loads under torch.load(weights_only=True))."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def summary(self) -> dict:
+        """Fields this method adds to summary.json (names declared in runs.RunSummary)."""
+        if not self.moe:
+            return {}
+        c = self.cfg
+        return {"experts": c.experts, "topk": c.topk, "granularity": c.granularity,
+                "target_sparsity": c.target_sparsity,
+                "sparsity_final": self.sparsity_history[-1] if self.sparsity_history else None}
+
+
+class Dense(RoutingMethod):
+    """The dense LLaMA FFN (SwiGLU), optionally ffn_mult times wider ("Dense xM")."""
+
+    name = "dense"
+    moe = False
+
+    @classmethod
+    def build_ffn(cls, cfg: ModelConfig) -> nn.Module:
+        return SwiGLU(cfg.d_model, cfg.ffn * cfg.ffn_mult)
+
+
+class TopK(RoutingMethod):
+    """TopK+softmax MoE (dMoE): pre-softmax top-k, gates not renormalised; Switch load-balancing loss
+    E * sum_e f_e P_e per layer, summed over layers, at a fixed coefficient. Near-dense warm-up (optional):
+    route to warmup_topk experts for the first warmup_steps steps, then to topk."""
+
+    name = "topk"
+    loss_name = "aux_loss"
+
+    def __init__(self, cfg: ModelConfig, aux_loss_coef: float = 1e-2, load_balancing: bool = True,
+                 warmup_topk: int | None = None, warmup_steps: int = 0):
+        super().__init__(cfg)
+        if not aux_loss_coef >= 0:
+            raise ConfigFieldError("aux_loss_coef", f"must be >= 0 (got {aux_loss_coef!r})")
+        if warmup_topk is not None and not cfg.topk <= warmup_topk <= cfg.experts:
+            raise ConfigFieldError("warmup_topk",
+                                   f"must be in [topk, experts={cfg.experts}] (got {warmup_topk!r})")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ConfigFieldError("warmup_steps", f"must be an int >= 0 (got {warmup_steps!r})")
+        self.aux_loss_coef = float(aux_loss_coef) if load_balancing else 0.0  # LB ablation: no aux loss
+        self.warmup_topk, self.warmup_steps = warmup_topk, warmup_steps
+        self.k = cfg.n_active  # k*G now (the warm-up raises it)
+
+    @classmethod
+    def build_router(cls, cfg: ModelConfig) -> nn.Module:
+        return TopKRouter(cfg.d_model, cfg.n_experts, cfg.n_active)
+
+    def loss(self, out: ModelOutput) -> torch.Tensor:
+        return torch.stack([switch_aux_loss(r.scores, r.gates, self.k) for r in out.routing]).sum()
+
+    def coefficient(self) -> float:
+        return self.aux_loss_coef
+
+    def on_train_step_start(self, step: int, model: Transformer) -> None:
+        if self.warmup_topk is None:
+            return
+        k = self.warmup_topk if step < self.warmup_steps else self.cfg.topk
+        self.k = k * self.cfg.granularity
+        for m in model.moe_layers():
+            m.router.k = self.k
+
+    def summary(self) -> dict:
+        return {**super().summary(), "aux_loss_coef": self.aux_loss_coef}
+
+
+class ReMoE(RoutingMethod):
+    """ReMoE: gates R = ReLU(x W_r), each token gets 0..E experts. Loss: L_reg = load-balancing refined L1
+    (or plain L1) per layer, averaged over layers (the 1/(L T) of the paper's formula; the official code
+    sums, which lambda absorbs as a factor L), weighted by lambda_i from the adaptive controller
+    lambda_{i+1} = lambda_i * alpha^sign(target - S_i), target = 1 - k/E."""
+
+    name = "remoe"
+    loss_name = "reg_loss"
+    progress_bar = ("train/sparsity",)
+    REGULARIZERS = {"lb_l1": lb_l1_loss, "l1": lambda gates, k: l1_loss(gates)}
+
+    def __init__(self, cfg: ModelConfig, regularizer: str = "lb_l1", lambda0: float = 1e-8,
+                 alpha: float = 1.2, load_balancing: bool = True):
+        super().__init__(cfg)
+        if regularizer not in self.REGULARIZERS:
+            raise ConfigFieldError("regularizer",
+                                   f"choose one of {sorted(self.REGULARIZERS)} (got {regularizer!r})")
+        if not lambda0 > 0:
+            raise ConfigFieldError("lambda0", f"must be > 0 (got {lambda0!r})")
+        if not alpha > 1:
+            raise ConfigFieldError("alpha", f"must be > 1 (got {alpha!r})")
+        self.regularizer = regularizer if load_balancing else "l1"  # LB ablation: plain L1
+        self.lambda0, self.alpha = float(lambda0), float(alpha)
+        self.controller = LambdaController(cfg.target_sparsity, lambda0, alpha)
+
+    @classmethod
+    def build_router(cls, cfg: ModelConfig) -> nn.Module:
+        return ReLURouter(cfg.d_model, cfg.n_experts)
+
+    def loss(self, out: ModelOutput) -> torch.Tensor:
+        reg = self.REGULARIZERS[self.regularizer]
+        return torch.stack([reg(r.gates, self.cfg.n_active) for r in out.routing]).mean()
+
+    def coefficient(self) -> float:
+        return self.controller.value
+
+    def on_optimizer_step(self, stats: RoutingStats) -> dict[str, float]:
+        super().on_optimizer_step(stats)
+        used = self.controller.value  # lambda_i, the value this step was trained with
+        self.controller.update(stats.sparsity)
+        return {"train/lambda": used}
+
+    def rank_state(self) -> dict[str, float] | None:
+        if not self.sparsity_history:
+            return None
+        return {"lambda": self.controller.value, "sparsity": self.sparsity_history[-1]}
+
+    def state_dict(self) -> dict:
+        return {"lambda_controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """lambda and the controller's step count resume from the checkpoint; alpha is this run's knob
+        (a resume may change it; target is architecture, checked equal before resuming)."""
+        if "lambda_controller" in state:
+            self.controller.load_state_dict({**state["lambda_controller"], "alpha": self.alpha})
+
+    def summary(self) -> dict:
+        i = settling_step(self.sparsity_history, self.cfg.target_sparsity)
+        return {**super().summary(), "regularizer": self.regularizer, "lambda0": self.lambda0,
+                "alpha": self.alpha, "lambda": self.controller.value,
+                "sparsity": tail_mean(self.sparsity_history),
+                "settling_step": None if i is None else self.history_start + i}
+
+
+def build_method(cfg: ModelConfig, **knobs) -> RoutingMethod:
+    """The routing method object of a model config, with its training knobs; a bad or unknown knob
+    raises ConfigFieldError naming it."""
+    import inspect
+
+    cls = METHODS[cfg.routing]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "cfg"}
+    unknown = sorted(set(knobs) - accepted)
+    if unknown:
+        raise ConfigFieldError(unknown[0], f"not an option of routing method {cfg.routing!r} "
+                               f"(options: {sorted(accepted) or 'none'})")
+    return cls(cfg, **knobs)

@@ -1,0 +1,58 @@
+"""Routing statistics, each formula written once: what the controller, the logs, routing.jsonl, the
+analyses, the benchmarks and the report all compute from routed-token counts.
+
+counts: (L, E) tokens routed to each of the E (= E*G fine-grained) experts of each MoE layer;
+tokens: (L,) tokens each layer saw. Plain numpy (torch CPU tensors convert with np.asarray).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def layer_sparsity(counts, tokens) -> np.ndarray:
+    """Share of zero gates per layer: 1 - nnz / (T E)."""
+    counts, tokens = np.asarray(counts), np.asarray(tokens)
+    E = counts.shape[-1]
+    return 1.0 - counts.sum(-1).astype(np.float64) / (np.maximum(tokens, 1).astype(np.float64) * E)
+
+
+def experts_per_token(counts, tokens) -> np.ndarray:
+    """Mean number of experts a token is routed to, per layer: nnz / T."""
+    counts, tokens = np.asarray(counts), np.asarray(tokens)
+    return counts.sum(-1).astype(np.float64) / np.maximum(tokens, 1)
+
+
+def expert_share(counts) -> np.ndarray:
+    """Each expert's share of its layer's routed (token, expert) pairs; rows sum to 1 (0 if none)."""
+    counts = np.asarray(counts).astype(np.float64)
+    return counts / counts.sum(-1, keepdims=True).clip(min=1)
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """One optimizer step's routing counts, summed over micro-batches and data-parallel ranks."""
+
+    step: int
+    counts: np.ndarray  # (L, E) int
+    tokens: np.ndarray  # (L,) int
+
+    @property
+    def layer_sparsity(self) -> np.ndarray:
+        return layer_sparsity(self.counts, self.tokens)
+
+    @property
+    def sparsity(self) -> float:
+        """The step's sparsity S_i: the mean over layers (what ReMoE's controller compares to 1 - k/E)."""
+        return float(self.layer_sparsity.mean())
+
+    @property
+    def experts_per_token(self) -> float:
+        return float(experts_per_token(self.counts, self.tokens).mean())
+
+    def to_json(self) -> dict:
+        """One line of routing.jsonl."""
+        return {"step": self.step, "sparsity": self.sparsity, "tokens": self.tokens.tolist(),
+                "counts": self.counts.tolist()}

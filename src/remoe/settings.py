@@ -1,0 +1,157 @@
+"""From the composed Hydra config to validated objects, before any data or model is built.
+
+The model is `size.arch` (the backbone's numbers) plus `model` (conf/model/<method>.yaml: `name` is the
+routing method; its other keys are ModelConfig fields, e.g. experts: ${experts}, or the method's
+training knobs, e.g. lambda0). Every bad value becomes a ConfigError whose message starts with the key a
+user would type: a field set through an interpolation (`experts: ${experts}`) is named by its source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import fields
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .model import ModelConfig, RoutingMethod, build_method
+from .model.config import ConfigFieldError
+
+ARCH_FIELDS = frozenset(f.name for f in fields(ModelConfig))
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the offending key."""
+
+
+def slug(overrides: str | None) -> str:
+    """Folder name for a run from Hydra's override_dirname: readable, filesystem-safe, bounded."""
+    s = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", overrides or "") or "default"
+    if len(s) > 96:
+        s = s[:80] + "-" + hashlib.sha1(s.encode()).hexdigest()[:10]
+    return s
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("remoe_slug"):
+        OmegaConf.register_new_resolver("remoe_slug", slug)
+
+
+def _key(cfg: DictConfig, field: str) -> str:
+    """The config key that set a ModelConfig field or a method knob."""
+    if field == "routing":
+        return "model"
+    raw = OmegaConf.to_container(cfg.model, resolve=False)
+    if field not in raw:
+        return f"size.arch.{field}"
+    m = re.fullmatch(r"\$\{([\w.]+)\}", str(raw[field]))
+    return m.group(1) if m else f"model.{field}"
+
+
+def _split_model(cfg: DictConfig) -> tuple[dict, dict]:
+    """(architecture fields, routing-method knobs) of cfg.model."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    name = model.pop("name")
+    arch = {k: v for k, v in model.items() if k in ARCH_FIELDS}
+    return {**arch, "routing": name}, {k: v for k, v in model.items() if k not in ARCH_FIELDS}
+
+
+def routing_knobs(cfg: DictConfig) -> dict:
+    """The routing method's training knobs (plain values: stored in checkpoints)."""
+    return _split_model(cfg)[1]
+
+
+def model_config(cfg: DictConfig, vocab_size: int = 50257) -> ModelConfig:
+    """The architecture: size.arch, then the model's own fields (the vocabulary comes from the data)."""
+    arch, _ = _split_model(cfg)
+    size_arch = OmegaConf.to_container(cfg.size.arch, resolve=True)
+    unknown = sorted(set(size_arch) - ARCH_FIELDS)
+    if unknown:
+        raise ConfigError(f"size.arch.{unknown[0]}: not a model architecture field")
+    try:
+        return ModelConfig(**{**size_arch, **arch, "vocab_size": vocab_size})
+    except ConfigFieldError as e:
+        raise ConfigError(f"{_key(cfg, e.field)}: {e.msg}") from None
+
+
+def routing_method(cfg: DictConfig, mcfg: ModelConfig) -> RoutingMethod:
+    try:
+        return build_method(mcfg, **routing_knobs(cfg))
+    except ConfigFieldError as e:
+        raise ConfigError(f"{_key(cfg, e.field)}: {e.msg}") from None
+
+
+def world_size(cfg: DictConfig) -> int:
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if devices in ("auto", None) and cfg.trainer.get("accelerator") == "cpu":
+        devices = 1
+    if not isinstance(devices, int):
+        n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else None
+        if n is None:
+            raise ConfigError(f"trainer.devices: give a number of devices, not {devices!r}, "
+                              "so the gradient accumulation can be derived from the global batch")
+        devices = n
+    if devices <= 0 or nodes <= 0:
+        raise ConfigError("trainer.devices/trainer.num_nodes: must be positive")
+    return devices * nodes
+
+
+def batch_split(cfg: DictConfig) -> tuple[int, int]:
+    """(micro-batch per device, accumulation steps) from the global batch and the device count.
+    size.micro_batch_size is the most one device holds; fewer devices -> more accumulation."""
+    gb, mb, ws = cfg.size.global_batch_size, cfg.size.micro_batch_size, world_size(cfg)
+    if mb <= 0 or gb <= 0 or gb % ws != 0:
+        raise ConfigError(f"size.global_batch_size: {gb} is not divisible by devices x nodes ({ws})")
+    micro = min(mb, gb // ws)
+    if (gb // ws) % micro != 0:
+        raise ConfigError(f"size.global_batch_size: {gb} / (devices x nodes = {ws}) is not divisible by "
+                          f"size.micro_batch_size ({mb})")
+    return micro, gb // ws // micro
+
+
+def validate(cfg: DictConfig) -> ModelConfig:
+    """Every check that needs no data and no model. Raises ConfigError naming the key. Returns the
+    architecture (with a placeholder vocabulary until the tokenizer is known)."""
+    for key in ("seed", "experts", "topk", "granularity"):
+        if not isinstance(cfg.get(key), int):
+            raise ConfigError(f"{key}: must be an int (got {cfg.get(key)!r})")
+    mcfg = model_config(cfg)
+    routing_method(cfg, mcfg)
+    if cfg.size.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"size.seq_len: {cfg.size.seq_len} exceeds the model context {mcfg.max_seq_len}")
+    batch_split(cfg)
+    if cfg.trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps: must be > 0 (got {cfg.trainer.max_steps})")
+    if cfg.data.source not in ("stdlib", "text_files", "hf"):
+        raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
+    if cfg.data.source == "text_files":
+        from .data.corpus import expand_files
+
+        try:
+            for path in expand_files(cfg.data.files):
+                with open(path, "rb"):
+                    pass
+        except (OSError, TypeError) as e:
+            raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
+    if cfg.eval.suite != "none":
+        from .eval.run import HubUnavailable, check_tasks
+
+        try:
+            check_tasks(cfg.eval.suite, cfg.eval.tasks)
+        except HubUnavailable as e:
+            raise ConfigError(f"eval: {e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return mcfg
+
+
+def derive(cfg: DictConfig) -> None:
+    """Fill the values that follow from others: micro-batch and accumulation from the global batch,
+    validation interval in micro-batches."""
+    micro, accumulate = batch_split(cfg)
+    with open_dict(cfg):
+        cfg.data.micro_batch_size = micro
+        cfg.trainer.accumulate_grad_batches = accumulate
+        cfg.trainer.val_check_interval = cfg.size.val_interval * accumulate

@@ -1,0 +1,81 @@
+"""The routing-method interface: every method in conf/model/ is a registered class whose knobs its yaml
+sets, the summary contract is declared once, and the training loop's behaviour comes from the method."""
+
+from dataclasses import fields
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from remoe.model import METHODS, ModelConfig, RoutingStats, build_method, preset
+from remoe.runs import RunSummary
+
+MODEL_CONF = sorted((ROOT / "conf" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", MODEL_CONF, ids=lambda p: p.stem)
+def test_each_model_yaml_is_one_method_with_its_knobs(path):
+    """conf/model/<name>.yaml: `name` is a registered method; every other key is a ModelConfig field or an
+    argument of that method's constructor (so adding a method is a class + a yaml)."""
+    conf = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    assert conf["name"] == path.stem and path.stem in METHODS
+    arch = {f.name for f in fields(ModelConfig)}
+    knobs = {k: v for k, v in conf.items() if k != "name" and k not in arch}
+    cfg = preset("tiny", path.stem, vocab_size=100)
+    concrete = {k: v for k, v in knobs.items() if not str(v).startswith("${")}
+    method = build_method(cfg, **concrete)
+    assert method.name == path.stem and method.moe == cfg.is_moe
+
+
+def test_summary_fields_of_every_method_are_declared():
+    declared = set(RunSummary.keys())
+    for name, cls in METHODS.items():
+        method = build_method(preset("tiny", name, vocab_size=100))
+        stats = RoutingStats(0, np.array([[512, 0, 0, 0, 0, 0, 0, 0]] * 2), np.array([4096, 4096]))
+        if method.moe:
+            method.on_optimizer_step(stats)
+        assert set(method.summary()) <= declared, name
+        RunSummary().update(**method.summary())  # the contract accepts them
+
+
+def test_run_summary_contract():
+    s = RunSummary(model="remoe", seed=1).update(**{"lambda": 0.5, "steps": 3})
+    d = s.to_json()
+    assert d["lambda"] == 0.5 and "lambda_" not in d and d["experts"] is None
+    assert RunSummary.from_json({**d, "from_a_newer_version": 1}).to_json() == d
+    with pytest.raises(KeyError, match="no_such_field"):
+        s.update(no_such_field=1)
+    assert {"model", "size", "experts", "topk", "granularity", "seed", "lambda0", "alpha"} <= \
+        set(RunSummary.keys(identity=True))
+    assert "val_loss" in RunSummary.keys(required=True) and "val_loss" not in RunSummary.keys(identity=True)
+
+
+def test_remoe_controller_state_and_logs():
+    cfg = preset("tiny", "remoe", vocab_size=100)  # target 0.875
+    m = build_method(cfg, lambda0=1e-4, alpha=2.0)
+    below = RoutingStats(0, np.full((2, 8), 1024), np.array([4096, 4096]))  # 2 experts per token: 0.75
+    assert m.on_optimizer_step(below) == {"train/lambda": pytest.approx(1e-4)}  # the lambda used in that step
+    assert m.coefficient() == pytest.approx(2e-4)
+    state = m.state_dict()
+    n = build_method(cfg, lambda0=1.0, alpha=2.0)
+    n.load_state_dict(state)
+    assert n.coefficient() == m.coefficient() and n.controller.steps == 1
+    assert m.rank_state() == {"lambda": pytest.approx(2e-4), "sparsity": 0.75}
+
+
+def test_topk_warmup_sets_every_router_then_returns_to_k():
+    from remoe.model import Transformer
+
+    cfg = preset("tiny", "topk", vocab_size=100, experts=8, topk=1, granularity=2)
+    model, m = Transformer(cfg), build_method(cfg, warmup_topk=6, warmup_steps=3)
+    m.on_train_step_start(0, model)
+    assert m.k == 12 and all(layer.router.k == 12 for layer in model.moe_layers())
+    m.on_train_step_start(3, model)
+    assert m.k == 2 and all(layer.router.k == 2 for layer in model.moe_layers())
+
+
+def test_load_balancing_off_is_each_methods_ablation():
+    remoe = build_method(preset("tiny", "remoe", vocab_size=100), load_balancing=False)
+    topk = build_method(preset("tiny", "topk", vocab_size=100), load_balancing=False)
+    assert remoe.regularizer == "l1" and topk.coefficient() == 0.0
