@@ -2,6 +2,8 @@
 
 import argparse
 import logging
+import os
+import sys
 
 from remoe.report import build_report
 
@@ -10,12 +12,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", nargs="+", default=["outputs"], help="run roots (single runs, multirun folders)")
     p.add_argument("--out", default="reports", help="output folder")
-    p.add_argument("--bench", nargs="*", default=None, help="bench JSON files/globs (default: bench*.json under the roots)")
+    p.add_argument("--bench", nargs="*", default=None,
+                   help="bench JSON files/globs (default: bench*.json under the roots)")
     p.add_argument("--notes", default=None, help="a Markdown file whose text heads the index")
+    p.add_argument("--force", action="store_true",
+                   help="write the report even when no run is usable (replacing an existing one)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    missing = [r for r in a.runs if not os.path.isdir(r)]
+    if missing or (a.notes and not os.path.isfile(a.notes)):
+        print(f"report: no such folder {missing[0]!r}" if missing else f"report: no such file {a.notes!r}",
+              file=sys.stderr)
+        sys.exit(2)
     notes = open(a.notes).read() if a.notes else None
-    res = build_report(a.runs, a.out, a.bench, notes)
+    res = build_report(a.runs, a.out, a.bench, notes, force=a.force)
+    if res is None:
+        print(f"report: no usable run under {', '.join(a.runs)}; {a.out}/README.md left as it is "
+              "(--force writes an empty report)", file=sys.stderr)
+        sys.exit(2)
     print(f"{res['runs']} runs, {len(res['skipped'])} skipped; tables: {', '.join(res['tables']) or 'none'}; "
           f"{len(res['figures'])} figures -> {a.out}/README.md")
 

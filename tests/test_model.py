@@ -378,3 +378,21 @@ def test_pad_groups_bucket_sizes():
     r = pad_groups(Routing(torch.arange(expert_idx.numel()), expert_idx, torch.ones(expert_idx.numel()), counts))
     assert r.counts.tolist() == [0, 16, 16, 32, 144, 512, 1024]  # q = 16,16,16,16,16,32,64
     assert r.weights.sum() == counts.sum() and r.expert_idx.tolist() == sorted(r.expert_idx.tolist())
+
+
+def test_controller_decides_below_target_on_counts_not_a_rounded_mean():
+    """E=10, k=3 over 3 layers, every layer exactly at target 0.7: the float mean of the layer sparsities
+    is 0.6999999999999998 < 0.7, which would multiply lambda; on counts it is at target: divide."""
+    import numpy as np
+
+    cfg = preset("tiny", "remoe", vocab_size=100, experts=10, topk=3, n_layer=3)
+    counts = np.zeros((3, 10), dtype=np.int64)
+    counts[:, :3] = 4096  # every token routed to 3 of 10 experts in every layer
+    stats = RoutingStats(0, counts, np.full(3, 4096))
+    assert stats.sparsity < cfg.target_sparsity  # the trap: a rounded mean
+    assert not stats.below_target(cfg.n_active)
+    method = build_method(cfg, lambda0=1.0, alpha=2.0)
+    method.on_optimizer_step(stats)
+    assert method.coefficient() == 0.5  # divided: at target
+    counts[0, 3] = 1  # one pair more than target in one layer: denser, below target sparsity
+    assert RoutingStats(1, counts, np.full(3, 4096)).below_target(cfg.n_active)

@@ -96,6 +96,9 @@ BAD = [
     (["trainer=ddp", "trainer.devices=3"], "size.global_batch_size"),
     (["data=text_files", "data.files=[/nonexistent/*.txt]"], "data.files"),
     (["trainer.max_steps=0"], "trainer.max_steps"),
+    (["seed=-5"], "seed"),
+    (["trainer.precision=bogus"], "trainer.precision"),
+    (["+foo=bar"], "foo"),  # a typo is not silently a new setting (nor a folder name)
 ]
 
 
@@ -103,6 +106,25 @@ BAD = [
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         validate(composed(*overrides))
+
+
+@pytest.mark.parametrize("content,why", [(None, "only folders"), (b"", "is empty"),
+                                         (bytes(range(256)) * 64, "not text")])
+def test_bad_text_files_are_config_errors_naming_the_file(tmp_path, content, why):
+    path = tmp_path / "corpus" / "a.txt"
+    path.parent.mkdir()
+    target = path.parent if content is None else path
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^data.files: .*{why}") as e:
+        validate(composed("data=text_files", f"data.files=[{target}]"))
+    assert str(target) in str(e.value)
+
+
+def test_bad_data_exits_2_before_anything_is_built(train):
+    p, out = train("data=text_files", "data.files=[/bin/ls]", *FAST, check=False)
+    assert p.returncode == 2 and "data.files: /bin/ls is not text" in p.stdout + p.stderr
+    assert summaries(out) == []
 
 
 def test_bad_override_exits_nonzero_before_building_anything(train, tmp_path):
@@ -209,9 +231,10 @@ def test_resume_continues_with_saved_lambda(train, tmp_path):
     train(*common, "trainer.max_steps=12", "resume=true")
     second = read_summary(run_dir)
     assert second["steps"] == 12 and second["resumed_from"].endswith("last.ckpt")
-    lam = dict(metric_series(run_dir, "train/lambda"))
-    assert min(lam) == 8  # the resumed run starts at step 8 ...
-    assert lam[8] == pytest.approx(first["lambda"], rel=1e-6)  # ... with the lambda the first run saved
+    series = metric_series(run_dir, "train/lambda")
+    assert [s for s, _ in series] == list(range(12))  # metrics.csv keeps the first part: each step once
+    lam = dict(series)
+    assert lam[8] == pytest.approx(first["lambda"], rel=1e-6)  # the resumed run starts with the saved lambda
 
 
 def test_ddp_two_cpu_ranks_share_lambda_and_sparsity(train):

@@ -70,28 +70,74 @@ class NonFiniteError(RuntimeError):
 
 
 class FaultCheckpoint(L.Callback):
-    """Checkpoints on the way out. SIGTERM/SIGUSR1 (what SLURM sends before preemption): Lightning stops
-    after the current batch; we save last.ckpt so `resume=true` (or the requeued job) continues from it.
-    A non-finite loss: a diagnostic checkpoint nonfinite-step<N>.ckpt beside it."""
+    """Checkpoints on the way out. SIGTERM/SIGUSR1 (what SLURM sends before preemption) and SIGINT (a
+    person's Ctrl-C) stop the run at the end of the optimizer step in progress (never between the
+    micro-batches of one step, whose gradients a checkpoint does not hold), after that step's logs and
+    validation, and last.ckpt is saved: `resume=true` (or the requeued job) continues exactly.
+    `stopped_by` names the signal. A second Ctrl-C interrupts at once. A non-finite loss: a diagnostic
+    checkpoint nonfinite-step<N>.ckpt beside it. Under SLURM auto-requeue, SIGUSR1 stays Lightning's."""
 
     def __init__(self, ckpt_dir: str):
         self.ckpt_dir = ckpt_dir
+        self.stopped_by: str | None = None  # "SIGTERM", "SIGUSR1" or "SIGINT"
+        self._previous: dict = {}
+        self._hold = False
+        self._saved_at: int | None = None
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def _on_signal(self, signum, _frame) -> None:
+        import signal
+
+        self.stopped_by = self.stopped_by or signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C is a plain KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning registered its own SIGTERM handler (which would stop between micro-batches)
         import signal
 
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+        signals = [signal.SIGINT, signal.SIGTERM]
         env = trainer._accelerator_connector.cluster_environment
         if not (isinstance(env, SLURMEnvironment) and env.auto_requeue) and hasattr(signal, "SIGUSR1"):
-            # outside SLURM's requeue handling, SIGUSR1 means "stop and checkpoint", like SIGTERM
-            stop = lambda *_: setattr(trainer._signal_connector, "received_sigterm", True)  # noqa: E731
-            signal.signal(signal.SIGUSR1, stop)
+            signals.append(signal.SIGUSR1)
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stopped_by and step_ends(trainer, batch_idx):
+            # where ModelCheckpoint saves too: the loop state Lightning's restore expects; this step's
+            # logs (and a validation due now) still come from this process, and the resumed run starts
+            # at the next step
+            trainer.save_checkpoint(os.path.join(self.ckpt_dir, "last.ckpt"))
+            self._saved_at = trainer.global_step
+            trainer._signal_connector.received_sigterm = True  # Lightning stops after this step's logs
+
+    # Lightning's validation loop stops between batches on the flag: a validation due at the stopping step
+    # runs whole first (a resumed run would not run it again)
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._hold = trainer.state.fn == "fit" and trainer._signal_connector.received_sigterm
+        if self._hold:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._hold:
+            trainer._signal_connector.received_sigterm = True
+            self._hold = False
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(os.path.join(self.ckpt_dir, "last.ckpt"))
+            self.stopped_by = self.stopped_by or "SIGTERM"
+            if self._saved_at != trainer.global_step:  # stopped by Lightning itself (e.g. DDP's broadcast)
+                trainer.save_checkpoint(os.path.join(self.ckpt_dir, "last.ckpt"))
         elif isinstance(exception, NonFiniteError):
             trainer.save_checkpoint(os.path.join(self.ckpt_dir, f"nonfinite-step{trainer.global_step}.ckpt"))

@@ -5,7 +5,9 @@ Each silenced message is named exactly (not a blanket filter), with why it is no
 - torch's deprecation of `isinstance(treespec, LeafSpec)`, raised inside Lightning 2.6's own
   utilities/_pytree.py (Lightning's to fix; nothing a user can act on);
 - W&B's "The anonymous setting has no effect": Lightning's WandbLogger always passes `anonymous`
-  (None), see `WandbLogger` below, which leaves it out instead.
+  (None); remoe.loggers.WandbLogger leaves it out.
+- Lightning's CSV "Previous log files in this directory will be deleted": true of Lightning's logger;
+  remoe.loggers.CSVLogger keeps them (resumable metrics.csv), so the warning is gone with the cause.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-
-from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 
 class _DropMessages(logging.Filter):
@@ -33,16 +33,6 @@ def quiet_third_party() -> None:
         if not any(isinstance(f, _DropMessages) for f in lg.filters):
             lg.addFilter(_DropMessages("💡 Tip: For seamless cloud logging"))
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-class WandbLogger(_LightningWandbLogger):
-    """Lightning's WandbLogger without the `anonymous=None` it always passes to wandb.init (wandb >= 0.19
-    warns on any value: the setting is gone)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self._wandb_init.get("anonymous") is None:
-            self._wandb_init.pop("anonymous", None)
 
 
 def _fmt(x, spec: str) -> str:

@@ -62,7 +62,8 @@ class LitLM(L.LightningModule):
         return lm, self.routing.loss(out)
 
     def on_train_start(self) -> None:
-        self.routing.history_start = self.trainer.global_step  # > 0 when resumed
+        # the checkpoint restored the history; one from before it was checkpointed did not
+        self.routing.history_start = self.trainer.global_step - len(self.routing.sparsity_history)
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.routing.on_train_step_start(self.trainer.global_step, self.model)

@@ -14,6 +14,7 @@ import os
 import time
 import traceback
 from dataclasses import replace
+from typing import NamedTuple
 
 import lightning as L
 from hydra.utils import instantiate
@@ -27,7 +28,9 @@ from .cpu import malloc_settings
 from .lit import LitLM
 from .model import ModelConfig
 from .model.config import split_legacy
-from .runs import SUMMARY, RunSummary, git_commit, package_versions, read_summary
+from .loggers import CSVLogger
+from .runs import (SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit, package_versions, read_summary,
+                   write_json_atomic, write_text_atomic)
 from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -70,30 +73,40 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     return summary
 
 
-def check_checkpoint_matches(path: str, mcfg: ModelConfig) -> None:
-    """Resuming weights under a different architecture is an error, not garbage numbers. (Routing-method
+def _arch_diff(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> str | None:
+    diff = {k: (saved.get(k), v) for k, v in mcfg.to_dict().items() if k not in ignore and saved.get(k) != v}
+    return ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())) or None
+
+
+class Resume(NamedTuple):
+    path: str | None = None  # checkpoints/last.ckpt, or None: start from scratch
+    arch: dict | None = None  # the checkpoint's architecture
+    step: int = 0  # the optimizer step training continues from
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resume:
+    """The checkpoint to resume from, checked before the run folder is touched: a file
+    that cannot be loaded, or that holds another architecture, is a ConfigError naming it. (Routing-method
     knobs such as alpha may change on resume: they are not the model.)"""
     import torch
 
-    hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    if hp.get("model") is None:
-        raise ConfigError(f"resume: {path} holds no model config")
-    saved, _ = split_legacy(hp["model"])
-    diff = {k: (saved.get(k), v) for k, v in mcfg.to_dict().items() if saved.get(k) != v}
-    if diff:
-        raise ConfigError("resume: the checkpoint was trained with a different model config: " +
-                          ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
-
-
-def _resume_path(cfg: DictConfig, ckpt_dir: str, mcfg: ModelConfig) -> str | None:
-    last = os.path.join(ckpt_dir, "last.ckpt")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not cfg.resume:
-        return None
+        return Resume()
     if not os.path.exists(last):
         log.warning("resume=true but %s does not exist: starting from scratch", last)
-        return None
-    check_checkpoint_matches(last, mcfg)
-    return last
+        return Resume()
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        saved, step = split_legacy(ckpt["hyper_parameters"]["model"])[0], int(ckpt["global_step"])
+    except Exception as e:  # noqa: BLE001 - any reason a checkpoint cannot be read is reported the same way
+        reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
+        raise ConfigError(f"resume: {last} cannot be loaded ({type(e).__name__}: {reason}); nothing in "
+                          "the run folder was changed") from None
+    diff = _arch_diff(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
+    if diff:
+        raise ConfigError(f"resume: the checkpoint was trained with a different model config: {diff}")
+    return Resume(last, saved, step)
 
 
 def _callbacks(cfg: DictConfig, run_dir: str, lit: LitLM) -> list[L.Callback]:
@@ -136,41 +149,85 @@ def _evaluate(cfg: DictConfig, trainer, lit: LitLM, dm, run_dir: str, summary: R
                         for m, v in row.items() if v is not None}, step=trainer.global_step)
 
 
+def resume_command() -> str:
+    """The command that continues this run: the same overrides plus resume=true."""
+    import shlex
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    args = [o for o in task if not o.startswith("resume=")] + ["resume=true"]
+    return " ".join(["python", shlex.quote(sys.argv[0]), *map(shlex.quote, args)])
+
+
+def _record(summary: RunSummary, run_dir: str, previous: dict | None) -> None:
+    """Write the run's record. A completed record is never replaced by a failed or stopped attempt (e.g.
+    a crashed extension of a finished run): that attempt's record goes to attempts/ beside it."""
+    if previous and previous.get("status") == "completed" and summary.status != "completed":
+        path = os.path.join(run_dir, "attempts", f"{time.strftime('%Y%m%d-%H%M%S')}-{summary.status}.json")
+        write_json_atomic(path, summary.to_json())
+        log.warning("kept the completed summary.json; this %s attempt is recorded in %s", summary.status, path)
+    else:
+        summary.write(run_dir)
+
+
 def train(cfg: DictConfig, run_dir: str) -> dict:
     """Validate, train, validate, write summary.json; re-raises after recording a failure."""
     mcfg = validate(cfg)  # before anything is built
     derive(cfg)
-    os.makedirs(run_dir, exist_ok=True)
+    resume = resume_checkpoint(cfg, run_dir, mcfg)  # before the run folder is touched
+    lock = RunLock(run_dir)
+    if rank_zero_only.rank == 0:
+        try:
+            if stale := lock.acquire():
+                log.warning("%s", stale)
+        except RunFolderBusy as e:
+            raise ConfigError(f"run folder: {e}") from None
+    try:
+        return _train(cfg, run_dir, mcfg, resume)
+    finally:
+        lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
+    previous = read_summary(run_dir)
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
                          ffn_mult=mcfg.ffn_mult, git_commit=git_commit(), versions=package_versions(),
                          run_dir=run_dir, malloc=malloc_settings())
     summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails
-    if rank_zero_only.rank == 0:
-        with open(os.path.join(run_dir, "config_resolved.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    completed_before = bool(previous and previous.get("status") == "completed")
+    if rank_zero_only.rank == 0 and not completed_before:  # a completed run's config stays until replaced
+        write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
     t0 = time.time()
-    loggers = []
+    loggers, callbacks = [], []
     try:
         L.seed_everything(cfg.seed, workers=True)
         dm = instantiate(cfg.data)
-        dm.prepare_data()  # tokenizer + packed cache (file-locked: safe with several ranks)
+        try:
+            dm.prepare_data()  # tokenizer + packed cache (file-locked: safe with several ranks)
+        except ValueError as e:  # e.g. a corpus too small for a validation split
+            raise ConfigError(str(e) if str(e).startswith("data") else f"data: {e}") from None
         mcfg = replace(mcfg, vocab_size=dm.vocab_size)
+        if resume.arch and (diff := _arch_diff(resume.arch, mcfg)):
+            raise ConfigError(f"resume: the checkpoint was trained with a different model config: {diff}")
         counts = mcfg.param_counts()
         summary.update(total_params=counts["total"], active_params=counts["active"],
                        vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint)
-        lit = LitLM(model=mcfg, routing=routing_knobs(cfg),
-                    optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        lit = LitLM(model=mcfg, routing=routing_knobs(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True),
                     routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
         if rank_zero_only.rank == 0:
             dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
         loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            if isinstance(lg, CSVLogger) and rank_zero_only.rank == 0:
+                lg.start_at(resume.step)  # metrics.csv: keep the rows before it, drop the rest
         callbacks = _callbacks(cfg, run_dir, lit)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
-        ckpt_path = _resume_path(cfg, os.path.join(run_dir, "checkpoints"), mcfg)
         t_fit = time.time()
-        trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.fit(lit, datamodule=dm, ckpt_path=resume.path)
         fit_s = time.time() - t_fit
         val = trainer.validate(lit, datamodule=dm, verbose=False)[0]
         throughput = next(c for c in callbacks if isinstance(c, TrainThroughput))
@@ -178,14 +235,20 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
             status="completed", steps=trainer.global_step,
             train_tokens=trainer.global_step * cfg.size.global_batch_size * cfg.size.seq_len,
             val_loss=float(val["val/loss"]), val_ppl=math.exp(float(val["val/loss"])),
-            tokens_per_s=throughput.tokens_per_s, fit_time_s=fit_s, resumed_from=ckpt_path,
+            tokens_per_s=throughput.tokens_per_s, fit_time_s=fit_s, resumed_from=resume.path,
             world_size=trainer.world_size, rank_states=lit.rank_states, **lit.routing.summary(),
         )
+        if rank_zero_only.rank == 0 and completed_before:
+            write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
         if trainer.is_global_zero:
             _evaluate(cfg, trainer, lit, dm, run_dir, summary, loggers)
     except SIGTERMException:
-        summary.update(status="preempted", error="SIGTERM/SIGUSR1: checkpointed to checkpoints/last.ckpt; "
-                       "rerun with resume=true to continue")
+        stopped_by = next((c.stopped_by for c in callbacks if isinstance(c, FaultCheckpoint)), None) or "SIGTERM"
+        status = "interrupted" if stopped_by == "SIGINT" else "preempted"
+        summary.update(status=status, error=f"{stopped_by}: checkpointed to checkpoints/last.ckpt; continue "
+                       f"with: {resume_command()}")
+        if status == "interrupted":
+            raise SystemExit(130) from None  # the shell's code for Ctrl-C
         raise
     except BaseException as e:
         if summary.status != "completed":
@@ -195,7 +258,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     finally:
         summary.wall_time_s = time.time() - t0
         if rank_zero_only.rank == 0:
-            summary.write(run_dir)
+            _record(summary, run_dir, previous)
         if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
             import wandb
 

@@ -166,3 +166,55 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process owns the run folder."""
+
+
+class RunLock:
+    """Ownership of a run folder for one training process: `run.lock` holds an exclusive flock (released
+    by the kernel when the process dies, however it dies) and names its owner (pid, host, start time). A
+    second process gets RunFolderBusy naming the owner; a lock file left by a dead process is taken over
+    with a warning."""
+
+    NAME = "run.lock"
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, self.NAME)
+        self._f = None
+
+    def acquire(self) -> str | None:
+        """Returns a warning to log when a stale lock was taken over, else None."""
+        import fcntl
+        import socket
+        import time
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderBusy(f"{os.path.dirname(self.path)} is in use by {owner}; wait for it to end, or "
+                                "give this run another name or folder") from None
+        f.seek(0)
+        previous = f.read().strip()
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._f = f
+        return f"took over a stale {self.NAME} ({previous}: no longer running)" if previous else None
+
+    def release(self) -> None:
+        if self._f is not None:
+            import fcntl
+
+            self._f.seek(0)
+            self._f.truncate()  # an empty lock file: nobody owns the folder
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None

@@ -11,13 +11,27 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import fields
+from functools import cache
+from pathlib import Path
+from typing import get_args
 
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .model import ModelConfig, RoutingMethod, build_method
 from .model.config import ConfigFieldError
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelConfig))
+GROUPS = ("model", "size", "data", "trainer", "logger", "eval", "hydra")
+# what Lightning's Trainer accepts as `precision` (its own Literal types)
+PRECISIONS = frozenset(str(v) for t in get_args(_PRECISION_INPUT) for v in get_args(t))
+
+
+@cache
+def known_keys() -> frozenset[str]:
+    """Top-level keys of the composed config: conf/config.yaml's own and the config groups."""
+    primary = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "config.yaml")
+    return frozenset(primary) - {"defaults"} | set(GROUPS)
 
 
 class ConfigError(ValueError):
@@ -114,9 +128,16 @@ def batch_split(cfg: DictConfig) -> tuple[int, int]:
 def validate(cfg: DictConfig) -> ModelConfig:
     """Every check that needs no data and no model. Raises ConfigError naming the key. Returns the
     architecture (with a placeholder vocabulary until the tokenizer is known)."""
+    unknown = sorted(set(cfg) - known_keys())
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a setting of this pipeline (a typo? see conf/config.yaml)")
     for key in ("seed", "experts", "topk", "granularity"):
         if not isinstance(cfg.get(key), int):
             raise ConfigError(f"{key}: must be an int (got {cfg.get(key)!r})")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed: must be in [0, 2^32) (got {cfg.seed})")
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision: {cfg.trainer.precision!r} is not one of {sorted(PRECISIONS)}")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:
@@ -127,13 +148,12 @@ def validate(cfg: DictConfig) -> ModelConfig:
     if cfg.data.source not in ("stdlib", "text_files", "hf"):
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
     if cfg.data.source == "text_files":
-        from .data.corpus import expand_files
+        from .data.corpus import check_text_file, expand_files
 
         try:
             for path in expand_files(cfg.data.files):
-                with open(path, "rb"):
-                    pass
-        except (OSError, TypeError) as e:
+                check_text_file(path)
+        except (OSError, TypeError, ValueError) as e:
             raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
     if cfg.eval.suite != "none":
         from .eval.run import HubUnavailable, check_tasks

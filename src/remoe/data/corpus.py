@@ -58,15 +58,31 @@ def stdlib_documents(max_chars: int | None = None) -> Iterator[dict]:
 
 
 def expand_files(patterns: list[str] | str) -> list[str]:
-    """Local files/globs, sorted; a clear error when a pattern matches nothing."""
+    """Local files/globs, sorted; a clear error when a pattern matches nothing, or only folders."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = []
     for p in patterns:
         matched = sorted(glob.glob(os.path.expanduser(p), recursive=True))
         if not matched:
             raise FileNotFoundError(f"data.files: {p!r} matches no readable file")
-        files.extend(m for m in matched if os.path.isfile(m))
+        found = [m for m in matched if os.path.isfile(m)]
+        if not found:
+            raise FileNotFoundError(f"data.files: {p!r} matches only folders; give files or a glob such as "
+                                    f"'{os.path.join(p, '**', '*.txt')}'")
+        files.extend(found)
     return files
+
+
+def check_text_file(path: str, sniff: int = 1 << 16) -> None:
+    """A training text file must be non-empty UTF-8-ish text: raises ValueError naming the file and what is
+    wrong (before any data is prepared). Binary = a NUL byte, or more than 10% undecodable bytes, in the
+    first 64 KiB."""
+    with open(path, "rb") as f:
+        head = f.read(sniff)
+    if not head:
+        raise ValueError(f"data.files: {path} is empty")
+    if b"\0" in head or head.decode("utf-8", errors="replace").count("\ufffd") > 0.1 * len(head):
+        raise ValueError(f"data.files: {path} is not text (binary content)")
 
 
 def fingerprint(parts: list[str]) -> str:

@@ -60,7 +60,11 @@ class LambdaController:
 
     def update(self, sparsity: float) -> float:
         """One optimizer step's update from that step's sparsity; returns the new lambda."""
-        self.lam = self.lam * self.alpha if sparsity < self.target else self.lam / self.alpha
+        return self.step(sparsity < self.target)
+
+    def step(self, below_target: bool) -> float:
+        """One optimizer step's update: x alpha when the step's sparsity was below target, else / alpha."""
+        self.lam = self.lam * self.alpha if below_target else self.lam / self.alpha
         self.steps += 1
         return self.value
 

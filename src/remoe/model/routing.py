@@ -67,8 +67,8 @@ class RoutingMethod:
         if cfg.routing != self.name:
             raise ValueError(f"routing method {self.name!r} given a model config for {cfg.routing!r}")
         self.cfg = cfg
-        self.sparsity_history: list[float] = []  # S_i of each optimizer step this process ran
-        self.history_start = 0  # global step of sparsity_history[0] (> 0 after a resume)
+        self.sparsity_history: list[float] = []  # S_i of every optimizer step (checkpointed)
+        self.history_start = 0  # global step of sparsity_history[0] (> 0 only after a legacy resume)
 
     # ---- model side: architecture only ----------------------------------------------------------
     @classmethod
@@ -106,11 +106,13 @@ class RoutingMethod:
         return None
 
     def state_dict(self) -> dict:
-        """Checkpointed state, plain Python values (loads under torch.load(weights_only=True))."""
-        return {}
+        """Checkpointed state, plain Python values (loads under torch.load(weights_only=True)). The sparsity
+        history travels too, so a resumed run's summary (tail sparsity, settling step) is the same as an
+        uninterrupted run's."""
+        return {"sparsity_history": list(self.sparsity_history)} if self.moe else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.sparsity_history = list(state.get("sparsity_history", []))
 
     def summary(self) -> dict:
         """Fields this method adds to summary.json (names declared in runs.RunSummary)."""
@@ -216,7 +218,7 @@ class ReMoE(RoutingMethod):
     def on_optimizer_step(self, stats: RoutingStats) -> dict[str, float]:
         super().on_optimizer_step(stats)
         used = self.controller.value  # lambda_i, the value this step was trained with
-        self.controller.update(stats.sparsity)
+        self.controller.step(stats.below_target(self.cfg.n_active))  # on integer counts, not a float mean
         return {"train/lambda": used}
 
     def rank_state(self) -> dict[str, float] | None:
@@ -225,11 +227,12 @@ class ReMoE(RoutingMethod):
         return {"lambda": self.controller.value, "sparsity": self.sparsity_history[-1]}
 
     def state_dict(self) -> dict:
-        return {"lambda_controller": self.controller.state_dict()}
+        return {**super().state_dict(), "lambda_controller": self.controller.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """lambda and the controller's step count resume from the checkpoint; alpha is this run's knob
         (a resume may change it; target is architecture, checked equal before resuming)."""
+        super().load_state_dict(state)
         if "lambda_controller" in state:
             self.controller.load_state_dict({**state["lambda_controller"], "alpha": self.alpha})
 

@@ -8,6 +8,7 @@ tokens: (L,) tokens each layer saw. Plain numpy (torch CPU tensors convert with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -51,6 +52,13 @@ class RoutingStats:
     @property
     def experts_per_token(self) -> float:
         return float(experts_per_token(self.counts, self.tokens).mean())
+
+    def below_target(self, k: int) -> bool:
+        """S_i < 1 - k/E, decided on the integer counts (exact): the float mean of per-layer sparsities can
+        fall an ulp under a target that is not exact in binary (E=10, k=3: every layer exactly at 0.7 gives
+        a mean of 0.6999999999999998 at some layer counts). S_i < 1 - k/E <=> sum_l nnz_l / T_l > L k."""
+        nnz = self.counts.sum(-1).tolist()
+        return sum(Fraction(int(n), max(int(t), 1)) for n, t in zip(nnz, self.tokens.tolist())) > len(nnz) * k
 
     def to_json(self) -> dict:
         """One line of routing.jsonl."""

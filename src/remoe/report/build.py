@@ -35,12 +35,16 @@ def _short(path: str, roots: list[str]) -> str:
 
 
 def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[str] | None = None,
-                 notes: str | None = None) -> dict:
+                 notes: str | None = None, force: bool = False) -> dict | None:
+    """Returns what was made, or None (writing nothing) when no run is usable and `out_dir` already holds
+    a report, unless `force`: a typo in --runs must not replace a report with an empty one."""
     from ..runs import write_text_atomic
 
-    os.makedirs(out_dir, exist_ok=True)
     col = collect(roots)
     df = col.runs
+    if not len(df) and not force and os.path.exists(os.path.join(out_dir, "README.md")):
+        return None
+    os.makedirs(out_dir, exist_ok=True)
     bench = []
     for pattern in bench_globs or [os.path.join(r, "**", "bench*.json") for r in roots]:
         for p in sorted(glob.glob(pattern, recursive=True)):

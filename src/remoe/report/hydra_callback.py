@@ -23,6 +23,9 @@ class ReportOnMultirunEnd(Callback):
         out = os.path.join(sweep_dir, self.out_subdir)
         try:
             res = build_report([sweep_dir], out)
-            log.info("report: %d runs, %d skipped -> %s", res["runs"], len(res["skipped"]), out)
+            if res is None:
+                log.warning("report: no usable run in %s; the existing report was kept", sweep_dir)
+            else:
+                log.info("report: %d runs, %d skipped -> %s", res["runs"], len(res["skipped"]), out)
         except Exception as e:  # a report failure must not hide the sweep's own outcome
             log.error("report generation failed: %s", e)
