@@ -48,7 +48,7 @@ def test_report_over_a_multirun(tiny_sweep, tmp_path):
         assert row["Choice"] == f"{statistics.mean(choice):.2f} ± {statistics.stdev(choice):.2f}"
     for ext in ("md", "tex", "csv"):
         assert (out / "tables" / f"routing_methods.{ext}").exists()
-    assert (out / "tables" / "throughput.md").exists()
+    assert not (out / "tables" / "throughput.md").exists()  # training runs' tokens/s are never compared
     figs = {Path(p).name for p in res["figures"]}
     assert {"fig_remoe_stages.png", "fig_heatmap_remoe.png", "fig_heatmap_topk.png", "fig_val_curves.png",
             "fig_layer_sparsity.png", "fig_active_vs_frequency.png", "fig_flip_rate.png"} <= figs
@@ -96,3 +96,17 @@ def test_multirun_leaves_its_report_behind(tiny_sweep):
 def test_empty_roots_still_write_an_index(tmp_path, n):
     res = build_report([str(tmp_path / "nothing")], str(tmp_path / "rep"))
     assert res["runs"] == n and (tmp_path / "rep" / "README.md").exists()
+
+
+def test_throughput_table_comes_from_benchmark_json_with_reps_and_spread(tmp_path):
+    import json
+
+    rows = [{"model": m, "size": "tiny", "experts": 8, "granularity": 1, "device": "cpu", "precision": "fp32",
+             "train_tokens_per_s": tps, "train_tflops": 0.1, "infer_tflops": 0.2, "reps": 5, "train_spread": 0.04}
+            for m, tps in (("topk", 39000.0), ("remoe", 40000.0))]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "bench_model.json").write_text(json.dumps({"rows": rows}))
+    build_report([str(tmp_path / "runs")], str(tmp_path / "rep"), force=True)
+    t = pd.read_csv(tmp_path / "rep" / "tables" / "throughput.csv", dtype=str)
+    ours = t[t["source"].str.startswith("ours")]
+    assert list(ours["model"]) == ["topk", "remoe"] and set(ours["reps"]) == {"5"} and set(ours["spread"]) == {"±4.0%"}

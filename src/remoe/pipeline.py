@@ -193,8 +193,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
 def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
     previous = read_summary(run_dir)
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
-                         ffn_mult=mcfg.ffn_mult, git_commit=git_commit(), versions=package_versions(),
-                         run_dir=run_dir, malloc=malloc_settings())
+                         ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision), git_commit=git_commit(),
+                         versions=package_versions(), run_dir=run_dir, malloc=malloc_settings())
     summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     completed_before = bool(previous and previous.get("status") == "completed")

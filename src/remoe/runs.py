@@ -70,6 +70,9 @@ class RunSummary:
     lambda0: float | None = _f(identity=True)  # ReMoE
     alpha: float | None = _f(identity=True)  # ReMoE
     aux_loss_coef: float | None = _f(identity=True)  # TopK
+    warmup_topk: int | None = _f(identity=True)  # TopK near-dense warm-up: k during the first warmup_steps
+    warmup_steps: int | None = _f(identity=True)
+    precision: str | None = _f(identity=True)  # trainer.precision
     corpus: str | None = _f(identity=True)  # fingerprint of the training corpus
     vocab_size: int | None = None
     total_params: int | None = None

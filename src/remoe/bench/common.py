@@ -22,6 +22,17 @@ def sync(device: torch.device) -> None:
 def time_fns(fns: dict[str, Callable[[], None]], device: torch.device, reps: int = 10,
              warmup: int = 2) -> dict:
     """Median seconds per call of each fn, the fns interleaved round by round (drift hits all alike)."""
+    return {k: statistics.median(v) for k, v in time_samples(fns, device, reps, warmup).items()}
+
+
+def spread(samples: list[float]) -> float:
+    """(max - min) / median of repeated timings: what a bench row's number is good to."""
+    return (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def time_samples(fns: dict[str, Callable[[], None]], device: torch.device, reps: int = 10,
+                 warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, `reps` rounds, the fns interleaved round by round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -33,7 +44,7 @@ def time_fns(fns: dict[str, Callable[[], None]], device: torch.device, reps: int
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

@@ -6,11 +6,13 @@ the measured sparsity is within 0.02 of 1 - k/E for 3 steps running."""
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
 from ..model import RoutingStats, Transformer, build_method, preset
-from .common import DTYPES, count_flops, matmul_peak, time_fns
+from .common import DTYPES, count_flops, matmul_peak, spread, time_fns, time_samples
 
 
 def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 200) -> float:
@@ -74,7 +76,8 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
         model.eval()
         infer_flops = count_flops(infer_step)
         model.train()
-        t_train = time_fns({"t": train_step}, dev, reps=reps)["t"]
+        train_samples = time_samples({"t": train_step}, dev, reps=reps)["t"]
+        t_train = statistics.median(train_samples)
         model.eval()
         t_infer = time_fns({"t": infer_step}, dev, reps=reps)["t"]
         tokens = batch * S
@@ -84,7 +87,8 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
                      "train_tokens_per_s": tokens / t_train, "infer_tokens_per_s": tokens / t_infer,
                      "train_tflops": train_flops / t_train / 1e12,
                      "infer_tflops": infer_flops / t_infer / 1e12,
-                     "train_mfu": train_flops / t_train / peak, "infer_mfu": infer_flops / t_infer / peak})
+                     "train_mfu": train_flops / t_train / peak, "infer_mfu": infer_flops / t_infer / peak,
+                     "reps": reps, "train_spread": spread(train_samples)})
     by = {r["model"]: r for r in rows}
     if "topk" in by and "remoe" in by:
         for key, col in (("train_diff", "train_tflops"), ("infer_diff", "infer_tflops")):

@@ -176,7 +176,8 @@ class TopK(RoutingMethod):
             m.router.k = self.k
 
     def summary(self) -> dict:
-        return {**super().summary(), "aux_loss_coef": self.aux_loss_coef}
+        return {**super().summary(), "aux_loss_coef": self.aux_loss_coef, "warmup_topk": self.warmup_topk,
+                "warmup_steps": self.warmup_steps}
 
 
 class ReMoE(RoutingMethod):

@@ -11,6 +11,7 @@ import os
 from . import figures, tables
 from ..runs import RunSummary
 from .collect import collect
+from .stats import RULES
 
 log = logging.getLogger("remoe.report")
 
@@ -69,7 +70,6 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
             "lb_ablation": lambda: tables.lb_ablation(df),
             "sensitivity_lambda0": lambda: tables.sensitivity(df, "lambda0"),
             "sensitivity_alpha": lambda: tables.sensitivity(df, "alpha"),
-            "throughput": lambda: tables.throughput(df, bench),
         }
         for name, fn in builders.items():
             t = fn()
@@ -78,11 +78,18 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
                 made_tables[name] = t
         fig_dir = os.path.join(out_dir, "figures")
         os.makedirs(fig_dir, exist_ok=True)
+        # figures show each method's standard setting only (sweep runs such as lambda0=1 are not drawn under
+        # a bare method name); E, G and the seed label every line
         label = lambda r: f"{r['model']} E{r['experts']:.0f} G{r['granularity']:.0f} s{r['seed']}"  # noqa: E731
-        moe = df[df["model"].isin(["topk", "remoe"])]
-        remoe = df[df["model"] == "remoe"]
+        moe = df[(tables._standard(df, "topk") | tables._standard(df, "remoe")) & (df["topk"] == 1)]
+        remoe = moe[moe["model"] == "remoe"]
+        std = df[tables._standard(df, "dense")
+                 | (df.index.isin(moe.index) & (df["experts"] == 8) & (df["granularity"] == 1))]
+        curve_label = lambda r: ("dense (ffn_mult 1)" if r["model"] == "dense"  # noqa: E731
+                                 else f"{r['model']} E8 k1 G1, standard knobs")
         first = lambda d: d.iloc[0] if len(d) else None  # noqa: E731
-        std_remoe = first(remoe[(remoe["experts"] == 8) & (remoe["granularity"] == 1) & (remoe["lambda0"] == 1e-8)
+        std_remoe = first(remoe[(remoe["experts"] == 8) & (remoe["granularity"] == 1)
+                                & (remoe["lambda0"] == 1e-8)
                                 & (remoe["alpha"] == 1.2)]) if len(remoe) else None
         std_remoe = std_remoe if std_remoe is not None else first(remoe)
         std_topk = first(moe[(moe["model"] == "topk") & (moe["experts"] == 8)]) if len(moe) else None
@@ -101,14 +108,59 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
             figures.active_vs_frequency([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(
                 ["experts", "granularity"]).iterrows()], fig_dir),
             figures.flips_plot([(label(r), r["run_dir"]) for r in per_e], fig_dir),
-            figures.curves_plot([(label(r), r["model"], r["run_dir"]) for _, r in df.iterrows()], fig_dir),
+            figures.curves_plot([(curve_label(r), r["model"], r["run_dir"]) for _, r in std.iterrows()],
+                                fig_dir),
         ]
         made_figs = [p for p in candidates if p]
+    t = tables.throughput(bench)  # benchmark JSON only: no training run is needed, or used
+    if t is not None:
+        tables.write_table(t, os.path.join(out_dir, "tables"), "throughput")
+        made_tables["throughput"] = t
     from .claims import claims
 
-    index = _index(df, col.skipped, made_tables, made_figs, roots, out_dir, notes, claims(df) if len(df) else "")
+    index = _index(df, col.skipped, made_tables, made_figs, roots, out_dir, notes,
+                   claims(df) if len(df) else "")
     write_text_atomic(os.path.join(out_dir, "README.md"), index)
     return {"runs": len(df), "skipped": col.skipped, "tables": sorted(made_tables), "figures": made_figs}
+
+
+def code_differs(commits: list[str | None],
+                 paths: tuple[str, ...] = ("src/remoe/model", "src/remoe/data")) -> bool | None:
+    """Whether the model or data code differs between these commits; None when it cannot be told (a
+    commit unknown here, a run from a dirty tree, no git)."""
+    import subprocess
+
+    found = sorted(set(commits), key=str)
+    if any(c is None or c.endswith("-dirty") for c in found):
+        return None  # a dirty tree's code is not known from its commit
+    if len(found) == 1:
+        return False
+    repo = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rcs = [subprocess.run(["git", "diff", "--quiet", found[0], c, "--", *paths], cwd=repo,
+                              capture_output=True, timeout=30).returncode for c in found[1:]]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if any(rc not in (0, 1) for rc in rcs) else any(rc == 1 for rc in rcs)
+
+
+def provenance(df, runs: list[str]) -> str:
+    """Which commits a table's runs were trained with, whether their model/data code differs, and whether
+    same-seed runs saw the same batches (same corpus and data code)."""
+    if not runs:
+        return "Rests on benchmark JSON and the paper only (no training run)."
+    sel = df[df["run_dir"].isin(runs)]
+    commits = [c if isinstance(c, str) else None for c in sel["git_commit"]]
+    short = lambda c: "unknown" if c is None else c[:12] + ("-dirty" if c.endswith("-dirty") else "")  # noqa: E731
+    names = ", ".join(f"{short(c)} ({commits.count(c)})" for c in sorted(set(commits), key=str))
+    differs = code_differs(commits)
+    note = {False: "one model/data code", True: "**warning: the model/data code differs between these "
+            "commits — rows may not be comparable**", None: "whether the model/data code differs cannot be "
+            "checked here (unknown or dirty commits)"}[differs]
+    same_batches = differs is False and sel["corpus"].nunique(dropna=False) == 1
+    batches = ("runs at the same seed saw the same batches" if same_batches else
+               "same-seed runs are not known to have seen the same batches")
+    return f"Runs: {len(sel)}, trained at commit(s) {names}; {note}; {batches}."
 
 
 def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md="") -> str:
@@ -117,12 +169,14 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
              "(182M active parameters, 30B tokens of The Pile): a far larger setting than CPU runs.", ""]
     if notes:
         lines += [notes.strip(), ""]
+    lines += [RULES, ""]
     if claims_md:
         lines += [claims_md]
     lines += ["## Tables", ""]
     for name, t in made_tables.items():
         lines += [f"### {TITLES[name]}", "", f"[md](tables/{name}.md) · [tex](tables/{name}.tex) · "
-                  f"[csv](tables/{name}.csv)", "", tables.to_markdown(t), ""]
+                  f"[csv](tables/{name}.csv)", "", tables.to_markdown(t),
+                  provenance(df, t.attrs.get("runs", [])), ""]
     if not made_tables:
         lines += ["(no table: no completed run matches a table's setting)", ""]
     lines += ["## Figures", ""]

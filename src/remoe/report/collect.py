@@ -82,9 +82,6 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-INACTIVE = 1 / 64  # experts routed fewer than this share of tokens count as inactive (paper, Fig. 8)
-
-
 def routing_share(run_dir: str):
     """(layers, experts) share of each layer's routed tokens per expert over the second half of training
     (routing.jsonl), or None when the run logged none."""
@@ -92,6 +89,13 @@ def routing_share(run_dir: str):
     if not recs:
         return None
     return expert_share(np.sum([r["counts"] for r in recs[len(recs) // 2 :]], axis=0))
+
+
+def inactive_cells(share) -> np.ndarray:
+    """(layer, expert) cells of a routing share below the inactive threshold of its expert count."""
+    from .stats import inactive_threshold
+
+    return share < inactive_threshold(share.shape[-1])
 
 
 def read_analysis(run_dir: str) -> dict | None:

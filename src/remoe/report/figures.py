@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..model.stats import expert_share  # noqa: E402
-from .collect import INACTIVE, read_analysis, read_jsonl, read_metrics, routing_share  # noqa: E402
+from .collect import inactive_cells, read_analysis, read_jsonl, read_metrics, routing_share  # noqa: E402
 
 COLORS = {"dense": "tab:gray", "topk": "tab:blue", "remoe": "tab:red"}
 
@@ -26,7 +26,10 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 
 def scaling_plot(df: pd.DataFrame, axis: str, out_dir: str) -> str | None:
-    moe = df[df["model"].isin(["topk", "remoe"])]
+    """The scaling table's standard settings (tables.scaling_moe), mean ± std over seeds per point."""
+    from .tables import scaling_moe
+
+    moe = df[scaling_moe(df, axis)]
     if moe.empty or moe[axis].nunique() < 2:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -67,11 +70,12 @@ def routing_heatmap(run_dir: str, out_dir: str, name: str) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * share.shape[1] + 2), 0.4 * share.shape[0] + 1.5))
     im = ax.imshow(share, aspect="auto", cmap="viridis")
-    for (layer, e) in zip(*np.where(share < INACTIVE)):
+    for (layer, e) in zip(*np.where(inactive_cells(share))):
         ax.text(e, layer, "×", ha="center", va="center", color="white")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"routed-token share ({int((share < INACTIVE).sum())} inactive: ×)")
+    n_inactive = int(inactive_cells(share).sum())
+    ax.set_title(f"routed-token share ({n_inactive} inactive: ×, < 1/(8·{share.shape[-1]}))")
     fig.colorbar(im, ax=ax)
     return _save(fig, out_dir, name)
 
@@ -148,7 +152,7 @@ def flips_plot(runs: list[tuple[str, str]], out_dir: str) -> str | None:
 
 
 def curves_plot(runs: list[tuple[str, str, str]], out_dir: str) -> str | None:
-    """Validation loss vs training step, one line per run (colour by method)."""
+    """Validation loss vs training step, one line per run (seed), colour and legend by setting."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     drawn = set()
     for label, model, d in runs:
@@ -157,12 +161,13 @@ def curves_plot(runs: list[tuple[str, str, str]], out_dir: str) -> str | None:
             continue
         v = m.dropna(subset=["val/loss"])
         ax.plot(v["step"], v["val/loss"], color=COLORS.get(model), alpha=0.7,
-                label=model if model not in drawn else None)
-        drawn.add(model)
+                label=label if label not in drawn else None)
+        drawn.add(label)
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
-    ax.legend()
+    ax.set_title("each method's standard setting, one line per seed", fontsize=9)
+    ax.legend(fontsize=8)
     return _save(fig, out_dir, "fig_val_curves")

@@ -42,7 +42,8 @@ def with_downstream(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 def _standard(df: pd.DataFrame, model: str) -> pd.Series:
     m = df["model"] == model
     if model == "remoe":
-        m &= (df["regularizer"] == STD["regularizer"]) & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
+        m &= (df["regularizer"] == STD["regularizer"]) & (df["lambda0"] == STD["lambda0"]) \
+            & (df["alpha"] == STD["alpha"])
     if model == "topk":
         m &= df["aux_loss_coef"] == STD["aux_loss_coef"]
     if model == "dense":
@@ -61,21 +62,47 @@ def fmt(mean: float, std: float, n: int, digits: int) -> str:
 def _key(v):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return str(int(v)) if isinstance(v, (int, float)) and float(v).is_integer() else v  # str: no 4.0 in mixed columns
+    # str: no 4.0 in mixed columns
+    return str(int(v)) if isinstance(v, (int, float)) and float(v).is_integer() else v
+
+
+def identity_keys(df: pd.DataFrame, keys: list[str]) -> list[str]:
+    """`keys` plus every other field of a setting's identity (runs.RunSummary; seed aside) that varies
+    within a group of `keys`: grouping on these never pools runs that differ in anything but the seed."""
+    from ..runs import RunSummary
+
+    if df.empty:
+        return keys
+    text = df.astype(str)
+    extra = [c for c in RunSummary.keys(identity=True) if c not in keys and c != "seed" and c in df
+             and (text.groupby(keys, dropna=False)[c].nunique() > 1).any()]
+    return keys + extra
 
 
 def aggregate(df: pd.DataFrame, keys: list[str], metrics: dict[str, int], source: str) -> pd.DataFrame:
-    """Group by keys; each metric -> 'mean ± std' with `digits`; n = runs (seeds) per row."""
+    """Group by keys (and any other identity field that varies: a row never pools unlike runs); each
+    metric -> 'mean ± std' with `digits`; n = runs (seeds) per row. attrs["runs"]: the run folders used."""
     rows = []
+    keys = identity_keys(df, keys)
     for key, g in df.groupby(keys, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         row = {"source": source, **{k: _key(v) for k, v in zip(keys, key)}, "n": len(g)}
         for col, digits in metrics.items():
             vals = pd.to_numeric(g[col], errors="coerce").dropna() if col in g else pd.Series(dtype=float)
-            row[col] = fmt(vals.mean() if len(vals) else float("nan"), vals.std(ddof=1) if len(vals) > 1 else None,
+            row[col] = fmt(vals.mean() if len(vals) else float("nan"),
+                           vals.std(ddof=1) if len(vals) > 1 else None,
                            len(vals), digits)
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["runs"] = sorted(df["run_dir"]) if "run_dir" in df else []
+    return out
+
+
+def _with_paper(out: pd.DataFrame, ref: list[dict]) -> pd.DataFrame:
+    """Our rows, then the paper's, for comparison; keeps which runs the table rests on."""
+    table = pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+    table.attrs["runs"] = out.attrs.get("runs", [])
+    return table
 
 
 def _ours(df: pd.DataFrame) -> str:
@@ -94,18 +121,21 @@ def routing_methods(df: pd.DataFrame) -> pd.DataFrame | None:
     ref = [{"source": paper.SETTING, "size": "182m", "model": m, "n": 1,
             **{TASK_LABEL[t]: f"{v:.2f}" for t, v in zip(paper.TASKS, vals)}, "Avg.": f"{sum(vals) / 7:.2f}",
             "val_loss": f"{paper.VAL_N[m]['182m']:.3f}"} for m, vals in paper.ROUTING.items()]
-    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+    return _with_paper(out, ref)
+
+
+def scaling_moe(df: pd.DataFrame, axis: str) -> pd.Series:
+    """The MoE runs of a scaling study along `axis` ("size", "experts", "granularity"): standard method
+    settings, k=1, the other axes at the paper's E=8 / G=1."""
+    moe = (_standard(df, "topk") | _standard(df, "remoe")) & (df["topk"] == 1)
+    if axis == "size":
+        return moe & (df["experts"] == 8) & (df["granularity"] == 1)
+    return moe & (df["granularity"] == 1) if axis == "experts" else moe & (df["experts"] == 8)
 
 
 def scaling(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
     """axis: "size" (N), "experts" (E) or "granularity" (G). Dense rows are the baseline."""
-    moe = (_standard(df, "topk") | _standard(df, "remoe")) & (df["topk"] == 1)
-    if axis == "size":
-        moe &= (df["experts"] == 8) & (df["granularity"] == 1)
-    elif axis == "experts":
-        moe &= df["granularity"] == 1
-    else:
-        moe &= df["experts"] == 8
+    moe = scaling_moe(df, axis)
     dense = (df["model"] == "dense")
     sel = df[moe | dense]
     if df[moe].empty or (df[moe][axis].nunique() < 2 and axis != "size"):
@@ -120,27 +150,30 @@ def scaling(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
         ref = [{"source": paper.SETTING, "variant": m, "size": s, "n": 1, "val_loss": f"{v:.3f}"}
                for m, d in paper.VAL_N.items() for s, v in d.items()]
     elif axis == "experts":
-        ref = [{"source": paper.SETTING, "size": "182m", "variant": m, "experts": e, "n": 1, "val_loss": f"{v:.3f}"}
+        ref = [{"source": paper.SETTING, "size": "182m", "variant": m, "experts": e, "n": 1,
+                "val_loss": f"{v:.3f}"}
                for m, d in paper.VAL_E.items() for e, v in d.items()]
     else:
         ref = [{"source": paper.SETTING, "size": "182m", "variant": m, "granularity": g, "n": 1,
                 "val_loss": f"{v:.3f}"} for m, d in paper.VAL_G.items() for g, v in d.items()]
-    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+    return _with_paper(out, ref)
 
 
 def lb_ablation(df: pd.DataFrame) -> pd.DataFrame | None:
     remoe = (df["model"] == "remoe") & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
     topk = df["model"] == "topk"
     sel = df[(remoe | topk) & (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)].copy()
-    sel["LB"] = ["yes" if (r.model == "remoe" and r.regularizer == "lb_l1") or (r.model == "topk" and r.aux_loss_coef > 0)
+    sel["LB"] = ["yes" if (r.model == "remoe" and r.regularizer == "lb_l1")
+                 or (r.model == "topk" and r.aux_loss_coef > 0)
                  else "no" for r in sel.itertuples()]
     if sel.empty or sel["LB"].nunique() < 2:
         return None
     sel, cols = with_downstream(sel)
-    out = aggregate(sel, ["size", "model", "LB"], {"val_loss": 4, **({"Avg.": 2} if cols else {})}, _ours(sel))
+    out = aggregate(sel, ["size", "model", "LB"], {"val_loss": 4, **({"Avg.": 2} if cols else {})},
+                    _ours(sel))
     ref = [{"source": paper.SETTING, "size": "182m", "model": m, "LB": lb, "n": 1, "Avg.": f"{v:.2f}"}
            for (m, lb), v in paper.LB_AVG.items()]
-    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+    return _with_paper(out, ref)
 
 
 def sensitivity(df: pd.DataFrame, param: str) -> pd.DataFrame | None:
@@ -152,28 +185,25 @@ def sensitivity(df: pd.DataFrame, param: str) -> pd.DataFrame | None:
     table = paper.LAMBDA0 if param == "lambda0" else paper.ALPHA
     ref = [{"source": paper.SETTING, "size": "182m", "experts": 8, param: k, "n": 1, "val_loss": f"{v:.3f}",
             "settling_step": str(t)} for k, (v, t) in table.items()]
-    return pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
+    return _with_paper(out, ref)
 
 
-def throughput(df: pd.DataFrame, bench: list[dict]) -> pd.DataFrame | None:
-    """Per-run training tokens/s (and bench JSON rows when present); ReMoE's % difference vs TopK."""
+def throughput(bench: list[dict]) -> pd.DataFrame | None:
+    """Paper Table 7 layout from benchmark JSON only: every model of a bench row timed interleaved in one
+    process on an otherwise idle machine, with its repetitions and spread. Training runs' tokens/s are
+    not compared: runs may have shared the CPU with other work."""
     rows = []
-    moe = df[df["model"].isin(["topk", "remoe"])] if len(df) else df
-    for key, g in moe.groupby(["size", "experts", "granularity"], sort=True) if len(moe) else []:
-        tps = {m: g[g["model"] == m]["tokens_per_s"].mean() for m in ("topk", "remoe")}
-        for m in ("topk", "remoe"):
-            if not math.isnan(tps[m]):
-                diff = "" if m == "topk" or math.isnan(tps["topk"]) else f"{100 * (tps[m] / tps['topk'] - 1):+.2f}%"
-                rows.append({"source": "ours: training runs", "size": key[0], "experts": _key(key[1]),
-                             "granularity": _key(key[2]),
-                             "model": m, "train tokens/s": f"{tps[m]:.0f}", "train TFLOPS": "–", "train diff": diff,
-                             "infer TFLOPS": "–", "infer diff": ""})
     for b in (b for b in bench if "model" in b):  # model-bench rows (layer-bench rows have no model)
-        rows.append({"source": f"ours: bench ({b.get('device', '?')}, {b.get('precision', '?')})", "size": b.get("size"),
-                     "experts": _key(b.get("experts")), "granularity": _key(b.get("granularity")), "model": b.get("model"),
+        spread = b.get("train_spread")
+        rows.append({"source": f"ours: bench ({b.get('device', '?')}, {b.get('precision', '?')})",
+                     "size": b.get("size"), "experts": _key(b.get("experts")),
+                     "granularity": _key(b.get("granularity")), "model": b.get("model"),
                      "train tokens/s": f"{b.get('train_tokens_per_s', float('nan')):.0f}",
-                     "train TFLOPS": f"{b.get('train_tflops', float('nan')):.3f}", "train diff": b.get("train_diff", ""),
-                     "infer TFLOPS": f"{b.get('infer_tflops', float('nan')):.3f}", "infer diff": b.get("infer_diff", "")})
+                     "train TFLOPS": f"{b.get('train_tflops', float('nan')):.3f}",
+                     "train diff": b.get("train_diff", ""),
+                     "infer TFLOPS": f"{b.get('infer_tflops', float('nan')):.3f}",
+                     "infer diff": b.get("infer_diff", ""), "reps": _key(b.get("reps")),
+                     "spread": "–" if spread is None else f"±{100 * spread:.1f}%"})
     if not rows:
         return None
     for size, d in paper.THROUGHPUT.items():
@@ -182,8 +212,12 @@ def throughput(df: pd.DataFrame, bench: list[dict]) -> pd.DataFrame | None:
             rows.append({"source": "paper: 8xA100, TP=1", "size": size, "experts": 8, "granularity": 1, "model": m,
                          "train tokens/s": "–", "train TFLOPS": f"{tr:.2f}",
                          "train diff": "" if m == "topk" else f"{100 * (tr / tk[0] - 1):+.2f}%",
-                         "infer TFLOPS": f"{inf:.2f}", "infer diff": "" if m == "topk" else f"{100 * (inf / tk[1] - 1):+.2f}%"})
-    return pd.DataFrame(rows)
+                         "infer TFLOPS": f"{inf:.2f}",
+                         "infer diff": "" if m == "topk" else f"{100 * (inf / tk[1] - 1):+.2f}%",
+                         "reps": "–", "spread": "–"})
+    table = pd.DataFrame(rows)
+    table.attrs["runs"] = []
+    return table
 
 
 # ---- renderers --------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""The report's statistics on small hand-made run records (no training): rows never pool unlike runs,
+verdicts account for seeds, trends need more than a sign, the inactive-expert threshold scales with E."""
+
+import json
+
+import pandas as pd
+
+from remoe.report import build_report
+from remoe.report.claims import _remoe_vs_topk, claims, inactive_experts
+from remoe.report.collect import collect
+from remoe.report.stats import compare, trend
+from remoe.report.tables import sensitivity
+from remoe.runs import RunSummary
+
+BASE = dict(status="completed", size="tiny", topk=1, granularity=1, experts=8, steps=400,
+            train_tokens=1638400, corpus="c0", precision="32-true", ffn_mult=1, git_commit="0" * 40)
+KNOBS = {"remoe": dict(regularizer="lb_l1", lambda0=1e-8, alpha=1.2), "topk": dict(aux_loss_coef=0.01)}
+
+
+def record(root, name, model, seed, val_loss, **kw):
+    d = root / name
+    d.mkdir(parents=True)
+    s = RunSummary().update(**{**BASE, **KNOBS.get(model, {}), "model": model, "seed": seed,
+                               "val_loss": val_loss, **kw})
+    s.write(str(d))
+    return d
+
+
+def test_a_row_never_pools_runs_that_differ_in_more_than_the_seed(tmp_path):
+    # lambda0=1e-8 at G=1 (2 seeds) and at G=2 (1 seed): the old table pooled them into one n=3 row
+    for i, (g, lam, seed, v) in enumerate([(1, 1e-8, 1, 4.50), (1, 1e-8, 2, 4.52), (2, 1e-8, 1, 4.70),
+                                           (1, 1e-4, 1, 4.60)]):
+        record(tmp_path, f"r{i}", "remoe", seed, v, granularity=g, lambda0=lam, settling_step=100 + i)
+    t = sensitivity(collect([str(tmp_path)]).runs, "lambda0")
+    ours = t[t["source"].str.startswith("ours")]
+    rows = {(r["lambda0"], r["granularity"]): r["n"] for _, r in ours.iterrows()}
+    assert rows == {("1e-08", "1"): 2, ("1e-08", "2"): 1, ("0.0001", "1"): 1} or \
+        rows == {(1e-08, "1"): 2, (1e-08, "2"): 1, (0.0001, "1"): 1}
+
+
+def test_a_weak_non_monotone_trend_is_inconclusive():
+    v = trend([1e-16, 1e-12, 1e-8, 1e-4, 1.0], [140, 120, 86, 272, 110], -1)  # rho = -0.2, a bump at 1e-4
+    assert v.word == "inconclusive" and "ρ -0.20" in v.why
+    assert trend([1, 2, 3, 4, 5], [414, 211, 110, 80, 52], -1).word == "holds"
+    assert trend([1, 2, 3, 4, 5], [52, 80, 110, 211, 414], -1).word == "does not hold"
+
+
+def test_a_single_seed_comparison_is_inconclusive():
+    v = compare(pd.Series([4.40], index=[1]), pd.Series([4.60], index=[1]))
+    assert v.word == "inconclusive" and "fewer than 2 seeds" in v.why
+
+
+def test_a_clear_difference_over_three_seeds_holds_and_its_reverse_does_not():
+    a = pd.Series([4.50, 4.51, 4.52], index=[1, 2, 3])
+    b = pd.Series([4.60, 4.62, 4.61], index=[1, 2, 3])
+    assert compare(a, b).word == "holds" and "paired" in compare(a, b).why
+    assert compare(b, a).word == "does not hold"
+    noisy = pd.Series([4.45, 4.70, 4.55], index=[4, 5, 6])  # other seeds: Welch, overlapping
+    assert compare(a, noisy).word == "inconclusive" and "Welch" in compare(a, noisy).why
+
+
+def test_claims_use_the_rule_per_setting(tmp_path):
+    for seed, (t, r) in enumerate([(4.60, 4.50), (4.62, 4.51), (4.61, 4.52)], start=1):
+        record(tmp_path, f"t{seed}", "topk", seed, t)
+        record(tmp_path, f"r{seed}", "remoe", seed, r)
+    df = collect([str(tmp_path)]).runs
+    verdict, lines, gaps = _remoe_vs_topk(df, "experts")
+    assert verdict.word == "holds" and "paired t-test over 3 shared seeds" in lines[0]
+    record(tmp_path, "t9", "topk", 9, 4.0, steps=2000, train_tokens=8192000)  # another budget: not pooled
+    record(tmp_path, "r9", "remoe", 9, 4.1, steps=2000, train_tokens=8192000)
+    verdict, lines, _ = _remoe_vs_topk(collect([str(tmp_path)]).runs, "experts")
+    assert len(lines) == 2 and verdict.word == "inconclusive" and any("n=1 vs n=1" in x for x in lines)
+
+
+def test_a_fair_share_expert_of_32_is_not_inactive(tmp_path):
+    """At E=32 a fair share is 1/32; the paper's 1/64 (for E=8) would call healthy experts inactive."""
+    d = record(tmp_path, "e32", "topk", 1, 4.5, experts=32)
+    n = 320_000  # routed (token, expert) pairs per layer
+    layer0 = [n // 40, n // 80] + [(n - n // 40 - n // 80) // 30] * 30  # 1/40 and 1/80 of the tokens
+    layer1 = [n // 320] + [(n - n // 320) // 31] * 31  # 1/320: below 1/(8*32) = 1/256
+    recs = {"step": 0, "counts": [layer0, layer1], "tokens": [n, n]}
+    (d / "routing.jsonl").write_text(json.dumps(recs) + "\n")
+    assert inactive_experts(str(d)) == 1  # only the 1/320 expert (1/64 would also count 1/80)
+    text = claims(collect([str(tmp_path)]).runs)
+    assert "1/(8·E·G)" in text and "1 of 1 load-balanced runs have any" in text
+
+
+def test_the_index_states_the_rules_and_each_tables_commits(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        record(runs, f"t{seed}", "topk", seed, 4.6 + seed / 100)
+        record(runs, f"r{seed}", "remoe", seed, 4.5 + seed / 100, git_commit="1" * 40 + "-dirty")
+        record(runs, f"d{seed}", "dense", seed, 4.55, experts=None, topk=None, granularity=None)
+    build_report([str(runs)], str(tmp_path / "rep"))
+    index = (tmp_path / "rep" / "README.md").read_text()
+    assert "How verdicts are decided" in index and "Welch" in index
+    assert "trained at commit(s) 000000000000 (4), 111111111111-dirty (2)" in index
+    assert "cannot be checked here" in index
