@@ -96,3 +96,13 @@ def test_the_index_states_the_rules_and_each_tables_commits(tmp_path):
     assert "How verdicts are decided" in index and "Welch" in index
     assert "trained at commit(s) 000000000000 (4), 111111111111-dirty (2)" in index
     assert "cannot be checked here" in index
+
+
+def test_the_index_lists_runs_with_collapsed_layers(tmp_path):
+    runs = tmp_path / "runs"
+    record(runs, "ok", "remoe", 1, 4.5, collapsed_layers=[], layer_sparsity=[0.87, 0.88])
+    record(runs, "bad", "remoe", 2, 4.6, collapsed_layers=[1], layer_sparsity=[0.78, 0.99])
+    build_report([str(runs)], str(tmp_path / "rep"))
+    index = (tmp_path / "rep" / "README.md").read_text()
+    section = index.split("## Runs with collapsed layers")[1].split("##")[0]
+    assert "bad: layer(s) 1 (per-layer sparsity 0.78 0.99)" in section and "ok:" not in section

@@ -79,3 +79,58 @@ def test_load_balancing_off_is_each_methods_ablation():
     remoe = build_method(preset("tiny", "remoe", vocab_size=100), load_balancing=False)
     topk = build_method(preset("tiny", "topk", vocab_size=100), load_balancing=False)
     assert remoe.regularizer == "l1" and topk.coefficient() == 0.0
+
+
+def _stats(step, per_layer_nnz, T=4096, E=8):
+    """RoutingStats whose layer l routed per_layer_nnz[l] (token, expert) pairs of T tokens."""
+    counts = np.zeros((len(per_layer_nnz), E), dtype=np.int64)
+    counts[:, 0] = per_layer_nnz
+    return RoutingStats(step, counts, np.full(len(per_layer_nnz), T))
+
+
+def test_per_layer_lambda_drives_each_layer_from_its_own_counts():
+    import torch
+
+    from remoe.model import ModelOutput
+    from remoe.model.routers import RouterOutput
+
+    cfg = preset("tiny", "remoe", vocab_size=100)  # 2 layers, target 0.875: k*T = 4096 pairs
+    m = build_method(cfg, lambda0=1.0, alpha=2.0, lambda_per_layer=True)
+    logs = m.on_optimizer_step(_stats(0, [8192, 1024]))  # layer 0 too dense, layer 1 too sparse
+    assert logs == {"train/lambda": 1.0, "lambda/layer_0": 1.0, "lambda/layer_1": 1.0}
+    assert [c.value for c in m.controllers] == [2.0, 0.5]
+    gates = [torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([[2.0, 2.0], [0.0, 0.0]])]
+    out = ModelOutput(torch.zeros(1), tuple(RouterOutput(g, None) for g in gates))
+    value, weighted = m.weighted_loss(out)
+    per = [m.REGULARIZERS["lb_l1"](g, 1) for g in gates]
+    assert value.item() == pytest.approx((per[0] + per[1]).item() / 2)
+    assert weighted.item() == pytest.approx((2.0 * per[0] + 0.5 * per[1]).item() / 2)
+    n = build_method(cfg, lambda0=1.0, alpha=2.0, lambda_per_layer=True)
+    n.load_state_dict(m.state_dict())
+    assert [c.value for c in n.controllers] == [2.0, 0.5]
+    with pytest.raises(ValueError, match="lambda_per_layer cannot change on resume"):
+        build_method(cfg, lambda_per_layer=False).load_state_dict(m.state_dict())
+    s = m.summary()
+    assert s["lambda"] is None and s["layer_lambda"] == [2.0, 0.5] and s["lambda_per_layer"] is True
+    assert m.rank_state() == {"lambda_l0": 2.0, "lambda_l1": 0.5, "sparsity": pytest.approx(1 - 9216 / 65536)}
+
+
+def test_a_collapsing_layer_is_warned_once_and_recorded(caplog):
+    import logging
+
+    cfg = preset("tiny", "remoe", vocab_size=100)
+    m = build_method(cfg)
+    caplog.set_level(logging.WARNING, logger="remoe")
+    for step in range(60):  # layer 0: 1 expert per token; layer 1: 0.05 (< 0.1 k)
+        m.on_optimizer_step(_stats(step, [4096, 205]))
+    warnings = [r for r in caplog.records if "collapsing" in r.getMessage()]
+    assert len(warnings) == 1 and "MoE layer 1" in warnings[0].getMessage()
+    s = m.summary()
+    assert s["collapsed_layers"] == [1]
+    assert s["layer_sparsity"] == [pytest.approx(0.875), pytest.approx(1 - 205 / 4096 / 8)]
+    n = build_method(cfg)
+    n.load_state_dict(m.state_dict())  # the window resumes with the run
+    assert n.summary()["collapsed_layers"] == [1]
+    top = build_method(preset("tiny", "topk", vocab_size=100))
+    top.on_optimizer_step(_stats(0, [4096, 4096]))
+    assert top.summary()["collapsed_layers"] == []

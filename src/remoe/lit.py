@@ -3,7 +3,7 @@ update, and the per-step logs. What differs between methods is the routing metho
 (model/routing.py); nothing here compares a method's name. It knows nothing of Hydra: it takes plain
 dicts (checkpoint-safe hyperparameters).
 
-loss = L_lm + method.coefficient() * method.loss(out)
+loss = L_lm + method.weighted_loss(out)[1]   (= coefficient() * loss(out) unless layers are weighted apart)
   dense: 0;  TopK: aux_coef * Switch aux loss summed over layers;  ReMoE: lambda_i * L_reg (layer mean)
 """
 
@@ -55,11 +55,12 @@ class LitLM(L.LightningModule):
     def forward(self, idx: torch.Tensor):
         return self.model(idx)
 
-    def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_lm, the routing loss, its weighted term added to L_lm)."""
         ids = batch["input_ids"]
         out = self.model(ids[:, :-1])
         lm = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        return lm, self.routing.loss(out)
+        return lm, *self.routing.weighted_loss(out)
 
     def on_train_start(self) -> None:
         # the checkpoint restored the history; one from before it was checkpointed did not
@@ -69,13 +70,11 @@ class LitLM(L.LightningModule):
         self.routing.on_train_step_start(self.trainer.global_step, self.model)
 
     def training_step(self, batch, batch_idx):
-        lm, routing_loss = self._losses(batch)
-        coef = self.routing.coefficient()
-        weighted = coef * routing_loss
+        lm, routing_loss, weighted = self._losses(batch)
         loss = lm + weighted
         if not torch.isfinite(loss):
             raise NonFiniteError(f"non-finite loss at step {self.trainer.global_step}: lm={lm.item()}, "
-                                 f"routing={routing_loss.item()}, coef={coef}")
+                                 f"routing={routing_loss.item()}, coef={self.routing.coefficient()}")
         log = dict(on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/lm_loss", lm, **log)
@@ -134,7 +133,7 @@ class LitLM(L.LightningModule):
             raise RuntimeError(f"routing state differs across data-parallel ranks: {self.rank_states}")
 
     def validation_step(self, batch, batch_idx):
-        lm, _ = self._losses(batch)
+        lm = self._losses(batch)[0]
         self.log("val/loss", lm, on_step=False, on_epoch=True, sync_dist=True, prog_bar=True,
                  batch_size=batch["input_ids"].shape[0])
 

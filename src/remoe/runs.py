@@ -69,6 +69,7 @@ class RunSummary:
     regularizer: str | None = _f(identity=True)  # ReMoE
     lambda0: float | None = _f(identity=True)  # ReMoE
     alpha: float | None = _f(identity=True)  # ReMoE
+    lambda_per_layer: bool | None = _f(identity=True)  # ReMoE: one controller per layer
     aux_loss_coef: float | None = _f(identity=True)  # TopK
     warmup_topk: int | None = _f(identity=True)  # TopK near-dense warm-up: k during the first warmup_steps
     warmup_steps: int | None = _f(identity=True)
@@ -86,6 +87,9 @@ class RunSummary:
     sparsity_final: float | None = None  # the last step's sparsity (MoE)
     lambda_: float | None = _f(key="lambda")  # ReMoE: lambda after the last step
     settling_step: int | None = None  # ReMoE: first step from which sparsity stays within 0.05 of target
+    layer_sparsity: list | None = None  # MoE: per-layer sparsity over the last 10% of steps (<= 50)
+    collapsed_layers: list | None = None  # MoE: layers whose experts/token stayed < 0.1 k in that window
+    layer_lambda: list | None = None  # ReMoE with lambda_per_layer: each layer's lambda after the last step
     tokens_per_s: float | None = None  # training tokens/s over the fit, validation excluded
     fit_time_s: float | None = None
     wall_time_s: float | None = None

@@ -14,6 +14,7 @@ arguments (training knobs), and tests (a float64 naive reference for outputs and
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
     from .transformer import ModelOutput, Transformer
 
 METHODS: dict[str, type[RoutingMethod]] = {}
+log = logging.getLogger("remoe")
+
+# A layer has collapsed when its mean experts per token over the tail window (the last 10% of steps, at
+# most TAIL) stays below COLLAPSE_FRACTION of its k (k*G): most tokens skip its FFN.
+COLLAPSE_FRACTION = 0.1
+TAIL = 50
+WARN_WINDOW = 20  # steps over which training warns, once per layer, that a layer is collapsing
 
 
 def settling_step(series: list[float], target: float, band: float = 0.05) -> int | None:
@@ -46,8 +54,12 @@ def tail_mean(xs: list[float], frac: float = 0.1, cap: int = 50) -> float | None
     """Mean of the last 10% of a series (at most 50 values): a late-training level, not one step's noise."""
     if not xs:
         return None
-    n = max(1, min(cap, int(len(xs) * frac)))
+    n = tail_length(len(xs), frac, cap)
     return sum(xs[-n:]) / n
+
+
+def tail_length(n: int, frac: float = 0.1, cap: int = TAIL) -> int:
+    return max(1, min(cap, int(n * frac)))
 
 
 class RoutingMethod:
@@ -69,6 +81,8 @@ class RoutingMethod:
         self.cfg = cfg
         self.sparsity_history: list[float] = []  # S_i of every optimizer step (checkpointed)
         self.history_start = 0  # global step of sparsity_history[0] (> 0 only after a legacy resume)
+        self.layer_tail: list[list[float]] = []  # experts per token of each layer, the last TAIL steps
+        self.warned: set[int] = set()  # layers already reported as collapsing
 
     # ---- model side: architecture only ----------------------------------------------------------
     @classmethod
@@ -92,6 +106,12 @@ class RoutingMethod:
         """The routing loss's weight in this step: loss = L_lm + coefficient() * loss(out)."""
         return 0.0
 
+    def weighted_loss(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the routing loss, what is added to L_lm): coefficient() * loss(out) unless a method weights
+        its layers apart (ReMoE with per-layer lambda)."""
+        value = self.loss(out)
+        return value, self.coefficient() * value
+
     def on_train_step_start(self, step: int, model: Transformer) -> None:
         """Before each training micro-batch of optimizer step `step`."""
 
@@ -99,6 +119,17 @@ class RoutingMethod:
         """After each optimizer step, with that step's all-reduced counts: update state; returns what to log
         (the values used in the step just taken)."""
         self.sparsity_history.append(stats.sparsity)
+        per_token = stats.layer_experts_per_token.tolist()
+        self.layer_tail = (self.layer_tail + [per_token])[-TAIL:]
+        recent = self.layer_tail[-WARN_WINDOW:]
+        for layer in range(len(per_token)):
+            mean = sum(row[layer] for row in recent) / len(recent)
+            if len(recent) == WARN_WINDOW and mean < COLLAPSE_FRACTION * self.cfg.n_active \
+                    and layer not in self.warned:
+                self.warned.add(layer)
+                log.warning("MoE layer %d is collapsing at step %d: %.3f experts per token over the last %d "
+                            "steps (k = %d); most tokens skip its FFN", layer, stats.step, mean, WARN_WINDOW,
+                            self.cfg.n_active)
         return {}
 
     def rank_state(self) -> dict[str, float] | None:
@@ -109,10 +140,25 @@ class RoutingMethod:
         """Checkpointed state, plain Python values (loads under torch.load(weights_only=True)). The sparsity
         history travels too, so a resumed run's summary (tail sparsity, settling step) is the same as an
         uninterrupted run's."""
-        return {"sparsity_history": list(self.sparsity_history)} if self.moe else {}
+        if not self.moe:
+            return {}
+        return {"sparsity_history": list(self.sparsity_history),
+                "layer_tail": [list(r) for r in self.layer_tail]}
 
     def load_state_dict(self, state: dict) -> None:
         self.sparsity_history = list(state.get("sparsity_history", []))
+        self.layer_tail = [list(r) for r in state.get("layer_tail", [])]
+
+    def layer_summary(self) -> dict:
+        """Per-layer sparsity over the tail window, and the layers that collapsed in it."""
+        if not self.layer_tail:
+            return {}
+        n = min(len(self.layer_tail), tail_length(len(self.sparsity_history)))
+        rows = self.layer_tail[-n:]
+        per_token = [sum(r[i] for r in rows) / n for i in range(len(rows[0]))]
+        return {"layer_sparsity": [1 - e / self.cfg.n_experts for e in per_token],
+                "collapsed_layers": [i for i, e in enumerate(per_token)
+                                     if e < COLLAPSE_FRACTION * self.cfg.n_active]}
 
     def summary(self) -> dict:
         """Fields this method adds to summary.json (names declared in runs.RunSummary)."""
@@ -121,7 +167,8 @@ class RoutingMethod:
         c = self.cfg
         return {"experts": c.experts, "topk": c.topk, "granularity": c.granularity,
                 "target_sparsity": c.target_sparsity,
-                "sparsity_final": self.sparsity_history[-1] if self.sparsity_history else None}
+                "sparsity_final": self.sparsity_history[-1] if self.sparsity_history else None,
+                **self.layer_summary()}
 
 
 class Dense(RoutingMethod):
@@ -184,7 +231,11 @@ class ReMoE(RoutingMethod):
     """ReMoE: gates R = ReLU(x W_r), each token gets 0..E experts. Loss: L_reg = load-balancing refined L1
     (or plain L1) per layer, averaged over layers (the 1/(L T) of the paper's formula; the official code
     sums, which lambda absorbs as a factor L), weighted by lambda_i from the adaptive controller
-    lambda_{i+1} = lambda_i * alpha^sign(target - S_i), target = 1 - k/E."""
+    lambda_{i+1} = lambda_i * alpha^sign(target - S_i), target = 1 - k/E.
+
+    lambda_per_layer (an option, not the paper's method): one controller per layer, each driving its own
+    layer's sparsity to 1 - k/E from that layer's all-reduced counts, so no layer can meet the global
+    target for another: loss = L_lm + (1/L) sum_l lambda_l L_reg^l."""
 
     name = "remoe"
     loss_name = "reg_loss"
@@ -192,7 +243,7 @@ class ReMoE(RoutingMethod):
     REGULARIZERS = {"lb_l1": lb_l1_loss, "l1": lambda gates, k: l1_loss(gates)}
 
     def __init__(self, cfg: ModelConfig, regularizer: str = "lb_l1", lambda0: float = 1e-8,
-                 alpha: float = 1.2, load_balancing: bool = True):
+                 alpha: float = 1.2, load_balancing: bool = True, lambda_per_layer: bool = False):
         super().__init__(cfg)
         if regularizer not in self.REGULARIZERS:
             raise ConfigFieldError("regularizer",
@@ -201,46 +252,80 @@ class ReMoE(RoutingMethod):
             raise ConfigFieldError("lambda0", f"must be > 0 (got {lambda0!r})")
         if not alpha > 1:
             raise ConfigFieldError("alpha", f"must be > 1 (got {alpha!r})")
+        if not isinstance(lambda_per_layer, bool):
+            raise ConfigFieldError("lambda_per_layer", f"must be true or false (got {lambda_per_layer!r})")
         self.regularizer = regularizer if load_balancing else "l1"  # LB ablation: plain L1
-        self.lambda0, self.alpha = float(lambda0), float(alpha)
-        self.controller = LambdaController(cfg.target_sparsity, lambda0, alpha)
+        self.lambda0, self.alpha, self.per_layer = float(lambda0), float(alpha), lambda_per_layer
+        n = cfg.n_layer if lambda_per_layer else 1
+        self.controllers = [LambdaController(cfg.target_sparsity, lambda0, alpha) for _ in range(n)]
+
+    @property
+    def controller(self) -> LambdaController:
+        """The global controller (the paper's method)."""
+        return self.controllers[0]
 
     @classmethod
     def build_router(cls, cfg: ModelConfig) -> nn.Module:
         return ReLURouter(cfg.d_model, cfg.n_experts)
 
-    def loss(self, out: ModelOutput) -> torch.Tensor:
+    def _layer_losses(self, out: ModelOutput) -> list[torch.Tensor]:
         reg = self.REGULARIZERS[self.regularizer]
-        return torch.stack([reg(r.gates, self.cfg.n_active) for r in out.routing]).mean()
+        return [reg(r.gates, self.cfg.n_active) for r in out.routing]
+
+    def loss(self, out: ModelOutput) -> torch.Tensor:
+        return torch.stack(self._layer_losses(out)).mean()
 
     def coefficient(self) -> float:
-        return self.controller.value
+        return sum(c.value for c in self.controllers) / len(self.controllers)
+
+    def weighted_loss(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.per_layer:
+            return super().weighted_loss(out)
+        layers = self._layer_losses(out)
+        weighted = torch.stack([c.value * r for c, r in zip(self.controllers, layers)]).mean()
+        return torch.stack(layers).mean(), weighted
 
     def on_optimizer_step(self, stats: RoutingStats) -> dict[str, float]:
         super().on_optimizer_step(stats)
-        used = self.controller.value  # lambda_i, the value this step was trained with
+        used = [c.value for c in self.controllers]  # lambda_i, the values this step was trained with
+        if self.per_layer:  # each layer on its own integer counts
+            for c, below in zip(self.controllers, stats.layer_below_target(self.cfg.n_active)):
+                c.step(below)
+            return {"train/lambda": sum(used) / len(used),
+                    **{f"lambda/layer_{i}": v for i, v in enumerate(used)}}
         self.controller.step(stats.below_target(self.cfg.n_active))  # on integer counts, not a float mean
-        return {"train/lambda": used}
+        return {"train/lambda": used[0]}
 
     def rank_state(self) -> dict[str, float] | None:
         if not self.sparsity_history:
             return None
-        return {"lambda": self.controller.value, "sparsity": self.sparsity_history[-1]}
+        lambdas = {"lambda": self.controller.value} if not self.per_layer else \
+            {f"lambda_l{i}": c.value for i, c in enumerate(self.controllers)}
+        return {**lambdas, "sparsity": self.sparsity_history[-1]}
 
     def state_dict(self) -> dict:
+        if self.per_layer:
+            return {**super().state_dict(), "lambda_controllers": [c.state_dict() for c in self.controllers]}
         return {**super().state_dict(), "lambda_controller": self.controller.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """lambda and the controller's step count resume from the checkpoint; alpha is this run's knob
         (a resume may change it; target is architecture, checked equal before resuming)."""
         super().load_state_dict(state)
-        if "lambda_controller" in state:
-            self.controller.load_state_dict({**state["lambda_controller"], "alpha": self.alpha})
+        saved = state.get("lambda_controllers") or \
+            ([state["lambda_controller"]] if "lambda_controller" in state else [])
+        if saved and len(saved) != len(self.controllers):
+            raise ValueError(f"the checkpoint holds {len(saved)} lambda controller(s), this run "
+                             f"{len(self.controllers)}: lambda_per_layer cannot change on resume")
+        for c, st in zip(self.controllers, saved):
+            c.load_state_dict({**st, "alpha": self.alpha})
 
     def summary(self) -> dict:
         i = settling_step(self.sparsity_history, self.cfg.target_sparsity)
         return {**super().summary(), "regularizer": self.regularizer, "lambda0": self.lambda0,
-                "alpha": self.alpha, "lambda": self.controller.value,
+                "alpha": self.alpha, "lambda_per_layer": self.per_layer,
+                "lambda": None if self.per_layer else self.controller.value,
+                "layer_lambda": [c.value for c in self.controllers] if self.per_layer else None,
                 "sparsity": tail_mean(self.sparsity_history),
                 "settling_step": None if i is None else self.history_start + i}
 

@@ -51,7 +51,15 @@ class RoutingStats:
 
     @property
     def experts_per_token(self) -> float:
-        return float(experts_per_token(self.counts, self.tokens).mean())
+        return float(self.layer_experts_per_token.mean())
+
+    @property
+    def layer_experts_per_token(self) -> np.ndarray:
+        return experts_per_token(self.counts, self.tokens)
+
+    def layer_below_target(self, k: int) -> list[bool]:
+        """Per layer: sparsity < 1 - k/E, on the integer counts: nnz_l > k T_l."""
+        return [int(n) > k * int(t) for n, t in zip(self.counts.sum(-1).tolist(), self.tokens.tolist())]
 
     def below_target(self, k: int) -> bool:
         """S_i < 1 - k/E, decided on the integer counts (exact): the float mean of per-layer sparsities can

@@ -190,6 +190,13 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
         lines.append(f"| {_short(r['run_dir'], roots)} | {r['model']} | {r['size']} | {num(r['experts'])} | "
                      f"{num(r['topk'])} | {num(r['granularity'])} | {r['seed']} | {r['steps']} | "
                      f"{r['val_loss']:.4f} | {str(r.get('git_commit'))[:12]} |")
+    has = df["collapsed_layers"].fillna("").astype(str) != "" if "collapsed_layers" in df else []
+    collapsed = df[has] if len(has) else df[:0]
+    lines += ["", "## Runs with collapsed layers", "",
+              "A layer whose mean experts per token over the last 10% of steps (at most 50) stays below "
+              "0.1 k: most tokens skip its FFN.", ""]
+    lines += [f"- {_short(r['run_dir'], roots)}: layer(s) {r['collapsed_layers']} (per-layer sparsity "
+              f"{r.get('layer_sparsity', '?')})" for _, r in collapsed.iterrows()] or ["none"]
     lines += ["", "## Missing, failed or duplicate runs", ""]
     lines += [f"- {_short(d, roots)}: {why}" for d, why in skipped] or ["none"]
     return "\n".join(lines) + "\n"
