@@ -76,42 +76,7 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
             if t is not None:
                 tables.write_table(t, os.path.join(out_dir, "tables"), name)
                 made_tables[name] = t
-        fig_dir = os.path.join(out_dir, "figures")
-        os.makedirs(fig_dir, exist_ok=True)
-        # figures show each method's standard setting only (sweep runs such as lambda0=1 are not drawn under
-        # a bare method name); E, G and the seed label every line
-        label = lambda r: f"{r['model']} E{r['experts']:.0f} G{r['granularity']:.0f} s{r['seed']}"  # noqa: E731
-        moe = df[(tables._standard(df, "topk") | tables._standard(df, "remoe")) & (df["topk"] == 1)]
-        remoe = moe[moe["model"] == "remoe"]
-        std = df[tables._standard(df, "dense")
-                 | (df.index.isin(moe.index) & (df["experts"] == 8) & (df["granularity"] == 1))]
-        curve_label = lambda r: ("dense (ffn_mult 1)" if r["model"] == "dense"  # noqa: E731
-                                 else f"{r['model']} E8 k1 G1, standard knobs")
-        first = lambda d: d.iloc[0] if len(d) else None  # noqa: E731
-        std_remoe = first(remoe[(remoe["experts"] == 8) & (remoe["granularity"] == 1)
-                                & (remoe["lambda0"] == 1e-8)
-                                & (remoe["alpha"] == 1.2)]) if len(remoe) else None
-        std_remoe = std_remoe if std_remoe is not None else first(remoe)
-        std_topk = first(moe[(moe["model"] == "topk") & (moe["experts"] == 8)]) if len(moe) else None
-        candidates = [figures.scaling_plot(df, a, fig_dir) for a in ("size", "experts", "granularity")]
-        if std_remoe is not None:
-            candidates += [figures.stages_plot(std_remoe["run_dir"], fig_dir, "fig_remoe_stages"),
-                           figures.routing_heatmap(std_remoe["run_dir"], fig_dir, "fig_heatmap_remoe"),
-                           figures.domain_plot(std_remoe["run_dir"], fig_dir, "fig_domain_remoe")]
-        if std_topk is not None:
-            candidates += [figures.routing_heatmap(std_topk["run_dir"], fig_dir, "fig_heatmap_topk"),
-                           figures.domain_plot(std_topk["run_dir"], fig_dir, "fig_domain_topk")]
-        per_e = [r for _, r in moe.drop_duplicates(["model", "experts", "granularity"]).iterrows()]
-        candidates += [
-            figures.layer_sparsity_plot([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(
-                ["experts", "granularity"]).iterrows()], fig_dir),
-            figures.active_vs_frequency([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(
-                ["experts", "granularity"]).iterrows()], fig_dir),
-            figures.flips_plot([(label(r), r["run_dir"]) for r in per_e], fig_dir),
-            figures.curves_plot([(curve_label(r), r["model"], r["run_dir"]) for _, r in std.iterrows()],
-                                fig_dir),
-        ]
-        made_figs = [p for p in candidates if p]
+        made_figs = _figures(df, os.path.join(out_dir, "figures"))
     t = tables.throughput(bench)  # benchmark JSON only: no training run is needed, or used
     if t is not None:
         tables.write_table(t, os.path.join(out_dir, "tables"), "throughput")
@@ -122,6 +87,42 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
                    claims(df) if len(df) else "")
     write_text_atomic(os.path.join(out_dir, "README.md"), index)
     return {"runs": len(df), "skipped": col.skipped, "tables": sorted(made_tables), "figures": made_figs}
+
+
+def _figures(df, fig_dir: str) -> list[str]:
+    """The paper's figures from the runs' records. Each method's standard setting only (sweep runs such
+    as lambda0=1 are not drawn under a bare method name); E, G and the seed label every line."""
+    os.makedirs(fig_dir, exist_ok=True)
+    label = lambda r: f"{r['model']} E{r['experts']:.0f} G{r['granularity']:.0f} s{r['seed']}"  # noqa: E731
+    moe = df[(tables._standard(df, "topk") | tables._standard(df, "remoe")) & (df["topk"] == 1)]
+    remoe = moe[moe["model"] == "remoe"]
+    std = df[tables._standard(df, "dense")
+             | (df.index.isin(moe.index) & (df["experts"] == 8) & (df["granularity"] == 1))]
+    curve_label = lambda r: ("dense (ffn_mult 1)" if r["model"] == "dense"  # noqa: E731
+                             else f"{r['model']} E8 k1 G1, standard knobs")
+    first = lambda d: d.iloc[0] if len(d) else None  # noqa: E731
+    std_remoe = first(remoe[(remoe["experts"] == 8) & (remoe["granularity"] == 1)])
+    std_remoe = std_remoe if std_remoe is not None else first(remoe)
+    std_topk = first(moe[(moe["model"] == "topk") & (moe["experts"] == 8)]) if len(moe) else None
+    candidates = [figures.scaling_plot(df, a, fig_dir) for a in ("size", "experts", "granularity")]
+    if std_remoe is not None:
+        candidates += [figures.stages_plot(std_remoe["run_dir"], fig_dir, "fig_remoe_stages"),
+                       figures.routing_heatmap(std_remoe["run_dir"], fig_dir, "fig_heatmap_remoe"),
+                       figures.domain_plot(std_remoe["run_dir"], fig_dir, "fig_domain_remoe")]
+    if std_topk is not None:
+        candidates += [figures.routing_heatmap(std_topk["run_dir"], fig_dir, "fig_heatmap_topk"),
+                       figures.domain_plot(std_topk["run_dir"], fig_dir, "fig_domain_topk")]
+    per_e = [r for _, r in moe.drop_duplicates(["model", "experts", "granularity"]).iterrows()]
+    candidates += [
+        figures.layer_sparsity_plot([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(
+            ["experts", "granularity"]).iterrows()], fig_dir),
+        figures.active_vs_frequency([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(
+            ["experts", "granularity"]).iterrows()], fig_dir),
+        figures.flips_plot([(label(r), r["run_dir"]) for r in per_e], fig_dir),
+        figures.curves_plot([(curve_label(r), r["model"], r["run_dir"]) for _, r in std.iterrows()],
+                            fig_dir),
+    ]
+    return [p for p in candidates if p]
 
 
 def code_differs(commits: list[str | None],

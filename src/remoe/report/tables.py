@@ -43,7 +43,7 @@ def _standard(df: pd.DataFrame, model: str) -> pd.Series:
     m = df["model"] == model
     if model == "remoe":
         m &= (df["regularizer"] == STD["regularizer"]) & (df["lambda0"] == STD["lambda0"]) \
-            & (df["alpha"] == STD["alpha"])
+            & (df["alpha"] == STD["alpha"]) & (df["lambda_per_layer"].fillna(False) == False)  # noqa: E712
     if model == "topk":
         m &= df["aux_loss_coef"] == STD["aux_loss_coef"]
     if model == "dense":
