@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoe.model import METHODS, LambdaController, ModelConfig, RoutingStats, Transformer, build_method, preset
+from remoe.model import (METHODS, LambdaController, ModelConfig, RoutingStats, Transformer, build_method,
+                         preset)
 from remoe.model import experts as experts_mod
 from remoe.model.config import CONF_SIZE_DIR, preset_arch
 from remoe.model.moe import MoELayer
@@ -297,8 +298,8 @@ def test_legacy_model_dicts_still_load():
     model config: they map to the method and its knobs."""
     from remoe.model.config import split_legacy
 
-    old = {**preset("tiny", "remoe", vocab_size=100).to_dict(), "lambda0": 1e-6, "alpha": 1.5, "regularizer": "l1",
-           "aux_loss_coef": 0.01, "warmup_topk": None, "warmup_steps": 0}
+    old = {**preset("tiny", "remoe", vocab_size=100).to_dict(), "lambda0": 1e-6, "alpha": 1.5,
+           "regularizer": "l1", "aux_loss_coef": 0.01, "warmup_topk": None, "warmup_steps": 0}
     old["router"] = "relu"
     del old["routing"]
     cfg = ModelConfig.from_dict(old)
@@ -339,7 +340,8 @@ def test_remoe_reaches_target_sparsity(E, k):
         traj.append(stats.sparsity)
     tail = sum(traj[-50:]) / 50  # stage III: mean of the last 50 steps
     print(f"E={E} k={k} target={cfg.target_sparsity:.3f} sparsity every 25 steps:",
-          [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda", method.coefficient())
+          [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda",
+          method.coefficient())
     assert traj[0] < cfg.target_sparsity - 0.15  # ReLU at init: ~half the gates are zero, well below target
     assert abs(tail - cfg.target_sparsity) <= 0.05
     assert math.isfinite(lm.item())

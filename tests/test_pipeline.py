@@ -181,8 +181,8 @@ def test_console_has_no_third_party_noise(cache_dir, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
     env.update(REMOE_OUTPUT=str(tmp_path / "out"), REMOE_CACHE=cache_dir)
-    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "eval=none", *FAST], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "eval=none", *FAST], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     text = p.stdout + p.stderr
     for noise in ("litlogger", "LeafSpec", "anonymous setting"):

@@ -127,8 +127,10 @@ def _to_legacy(ckpt_path):
     hp = ck["hyper_parameters"]
     model = dict(hp["model"])
     model["router"] = {"dense": None, "topk": "topk", "remoe": "relu"}[model.pop("routing")]
-    model.update(aux_loss_coef=0.01, regularizer="lb_l1", lambda0=1e-8, alpha=1.2, warmup_topk=None, warmup_steps=0)
-    ck["hyper_parameters"] = {"model": model, "optim": hp["optim"], "routing_log_interval": hp["routing_log_interval"]}
+    model.update(aux_loss_coef=0.01, regularizer="lb_l1", lambda0=1e-8, alpha=1.2, warmup_topk=None,
+                 warmup_steps=0)
+    ck["hyper_parameters"] = {"model": model, "optim": hp["optim"],
+                              "routing_log_interval": hp["routing_log_interval"]}
     ck["lambda_controller"] = ck.pop("routing_state")["lambda_controller"]
     torch.save(ck, ckpt_path)
 
@@ -215,7 +217,7 @@ def test_csv_metrics_survive_a_resume_and_a_cut_last_line(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert [(r["step"], r["train/loss"]) for r in rows] == [("0", "5.0"), ("1", "4.0"), ("2", "3.5")]
     assert rows[2]["train/lambda"] == "1e-08" and rows[0]["train/lambda"] == ""
-    CSVLogger(save_dir=str(tmp_path), name="", version="").start_at(0)  # a fresh run: the old file moves aside
+    CSVLogger(save_dir=str(tmp_path), name="", version="").start_at(0)  # fresh run: old file moved aside
     [aside] = tmp_path.glob("metrics-*.csv")
     assert len(list(csv.DictReader(open(aside)))) == 3 and not path.exists()
 
@@ -320,7 +322,8 @@ def test_fault_injection_five_random_kills_end_as_an_uninterrupted_run(tmp_path,
         q.send_signal(sig)
         rc = q.wait(timeout=300)
         assert rc == {signal.SIGKILL: -9, signal.SIGTERM: 0, signal.SIGINT: 130}[sig], q.stderr.read()[-3000:]
-        at = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
+        at = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True,
+                        map_location="cpu")["global_step"]
         log.append((sig.name, target, at))
     q = start(cut, env, *extra, "resume=true")
     assert q.wait(timeout=600) == 0, q.stderr.read()[-3000:]

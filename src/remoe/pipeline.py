@@ -167,7 +167,8 @@ def _record(summary: RunSummary, run_dir: str, previous: dict | None) -> None:
     if previous and previous.get("status") == "completed" and summary.status != "completed":
         path = os.path.join(run_dir, "attempts", f"{time.strftime('%Y%m%d-%H%M%S')}-{summary.status}.json")
         write_json_atomic(path, summary.to_json())
-        log.warning("kept the completed summary.json; this %s attempt is recorded in %s", summary.status, path)
+        log.warning("kept the completed summary.json; this %s attempt is recorded in %s", summary.status,
+                    path)
     else:
         summary.write(run_dir)
 
@@ -193,8 +194,9 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
 def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
     previous = read_summary(run_dir)
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
-                         ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision), git_commit=git_commit(),
-                         versions=package_versions(), run_dir=run_dir, malloc=malloc_settings())
+                         ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision),
+                         git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
+                         malloc=malloc_settings())
     summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     completed_before = bool(previous and previous.get("status") == "completed")
@@ -215,7 +217,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         counts = mcfg.param_counts()
         summary.update(total_params=counts["total"], active_params=counts["active"],
                        vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint)
-        lit = LitLM(model=mcfg, routing=routing_knobs(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        lit = LitLM(model=mcfg, routing=routing_knobs(cfg),
+                    optim=OmegaConf.to_container(cfg.optim, resolve=True),
                     routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
         if rank_zero_only.rank == 0:
             dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
@@ -243,7 +246,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         if trainer.is_global_zero:
             _evaluate(cfg, trainer, lit, dm, run_dir, summary, loggers)
     except SIGTERMException:
-        stopped_by = next((c.stopped_by for c in callbacks if isinstance(c, FaultCheckpoint)), None) or "SIGTERM"
+        fault = next((c for c in callbacks if isinstance(c, FaultCheckpoint)), None)
+        stopped_by = (fault and fault.stopped_by) or "SIGTERM"
         status = "interrupted" if stopped_by == "SIGINT" else "preempted"
         summary.update(status=status, error=f"{stopped_by}: checkpointed to checkpoints/last.ckpt; continue "
                        f"with: {resume_command()}")
