@@ -337,3 +337,22 @@ def test_fault_injection_five_random_kills_end_as_an_uninterrupted_run(tmp_path,
             ra = [(int(r["step"]), r[key]) for r in csv.DictReader(fa) if r.get(key)]
             rb = [(int(r["step"]), r[key]) for r in csv.DictReader(fb) if r.get(key)]
         assert rb == ra, key  # the same steps, once each, with the same values
+
+
+def test_signal_handlers_are_restored_after_training(tmp_path, cache_dir, monkeypatch):
+    """After a fit, SIGTERM/SIGINT/SIGUSR1 behave as before it: processes forked later (lm-eval's bootstrap
+    pool, ended by SIGTERM) would otherwise inherit a handler that ignores it, and hang the run."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import FAST
+    from remoe.pipeline import train
+    from remoe.settings import register_resolvers
+
+    register_resolvers()
+    monkeypatch.setenv("REMOE_CACHE", cache_dir)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["eval=none", "logger=none", "analysis.batches=0", *FAST,
+                                            f"trainer.default_root_dir={tmp_path / 'run'}"])
+    train(cfg, str(tmp_path / "run"))
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -125,16 +125,24 @@ class FaultCheckpoint(L.Callback):
             trainer._signal_connector.received_sigterm = True
             self._hold = False
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def _restore_signals(self) -> None:
+        """Put back the handlers found at train start. Before Lightning's own teardown restores its
+        originals (it runs before the callbacks' teardown hook): restored later, Lightning's SIGTERM
+        handler would outlive the fit, and processes forked afterwards (lm-eval's bootstrap pool) would
+        ignore the SIGTERM that ends them — a hang."""
         import signal
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_signals()
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        self._restore_signals()
         if isinstance(exception, SIGTERMException):
             self.stopped_by = self.stopped_by or "SIGTERM"
             if self._saved_at != trainer.global_step:  # stopped by Lightning itself (e.g. DDP's broadcast)
