@@ -149,7 +149,8 @@ def test_checkpoint_is_self_contained(trained):
     run, _ = trained
     model, tok, hp = load_checkpoint(str(run / "checkpoints" / "last.ckpt"))
     assert hp["model"]["routing"] == "remoe" and tok.get_vocab_size() == model.cfg.vocab_size
-    assert hp["routing"] == {"load_balancing": True, "regularizer": "lb_l1", "lambda0": 1e-8, "alpha": 1.2}
+    assert hp["routing"] == {"load_balancing": True, "regularizer": "lb_l1", "lambda0": 1e-8, "alpha": 1.2,
+                             "lambda_per_layer": False}
 
 
 def test_standalone_evaluate_matches_training_eval(trained, tmp_path):
