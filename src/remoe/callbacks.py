@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import lightning as L
@@ -85,16 +86,12 @@ class FaultCheckpoint(L.Callback):
         self._saved_at: int | None = None
 
     def _on_signal(self, signum, _frame) -> None:
-        import signal
-
         self.stopped_by = self.stopped_by or signal.Signals(signum).name
         if signum == signal.SIGINT:  # the next Ctrl-C is a plain KeyboardInterrupt
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # after Lightning registered its own SIGTERM handler (which would stop between micro-batches)
-        import signal
-
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         signals = [signal.SIGINT, signal.SIGTERM]
@@ -130,8 +127,6 @@ class FaultCheckpoint(L.Callback):
         originals (it runs before the callbacks' teardown hook): restored later, Lightning's SIGTERM
         handler would outlive the fit, and processes forked afterwards (lm-eval's bootstrap pool) would
         ignore the SIGTERM that ends them — a hang."""
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

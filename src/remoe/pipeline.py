@@ -73,9 +73,12 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     return summary
 
 
-def _arch_diff(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> str | None:
+def _check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
+    """A ConfigError naming every field where the checkpoint's architecture differs from this run's."""
     diff = {k: (saved.get(k), v) for k, v in mcfg.to_dict().items() if k not in ignore and saved.get(k) != v}
-    return ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())) or None
+    if diff:
+        raise ConfigError("resume: the checkpoint was trained with a different model config: " +
+                          ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
 
 
 class Resume(NamedTuple):
@@ -103,9 +106,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
         reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
         raise ConfigError(f"resume: {last} cannot be loaded ({type(e).__name__}: {reason}); nothing in "
                           "the run folder was changed") from None
-    diff = _arch_diff(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
-    if diff:
-        raise ConfigError(f"resume: the checkpoint was trained with a different model config: {diff}")
+    _check_arch(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
     return Resume(last, saved, step)
 
 
@@ -161,10 +162,10 @@ def resume_command() -> str:
     return " ".join(["python", shlex.quote(sys.argv[0]), *map(shlex.quote, args)])
 
 
-def _record(summary: RunSummary, run_dir: str, previous: dict | None) -> None:
+def _record(summary: RunSummary, run_dir: str, completed_before: bool) -> None:
     """Write the run's record. A completed record is never replaced by a failed or stopped attempt (e.g.
     a crashed extension of a finished run): that attempt's record goes to attempts/ beside it."""
-    if previous and previous.get("status") == "completed" and summary.status != "completed":
+    if completed_before and summary.status != "completed":
         path = os.path.join(run_dir, "attempts", f"{time.strftime('%Y%m%d-%H%M%S')}-{summary.status}.json")
         write_json_atomic(path, summary.to_json())
         log.warning("kept the completed summary.json; this %s attempt is recorded in %s", summary.status,
@@ -192,14 +193,13 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
 
 
 def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
-    previous = read_summary(run_dir)
+    completed_before = (read_summary(run_dir) or {}).get("status") == "completed"
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
                          ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision),
                          git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
                          malloc=malloc_settings())
     summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    completed_before = bool(previous and previous.get("status") == "completed")
     if rank_zero_only.rank == 0 and not completed_before:  # a completed run's config stays until replaced
         write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
     t0 = time.time()
@@ -212,8 +212,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         except ValueError as e:  # e.g. a corpus too small for a validation split
             raise ConfigError(str(e) if str(e).startswith("data") else f"data: {e}") from None
         mcfg = replace(mcfg, vocab_size=dm.vocab_size)
-        if resume.arch and (diff := _arch_diff(resume.arch, mcfg)):
-            raise ConfigError(f"resume: the checkpoint was trained with a different model config: {diff}")
+        if resume.arch:
+            _check_arch(resume.arch, mcfg)
         counts = mcfg.param_counts()
         summary.update(total_params=counts["total"], active_params=counts["active"],
                        vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint)
@@ -262,7 +262,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
     finally:
         summary.wall_time_s = time.time() - t0
         if rank_zero_only.rank == 0:
-            _record(summary, run_dir, previous)
+            _record(summary, run_dir, completed_before)
         if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
             import wandb
 

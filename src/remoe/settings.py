@@ -12,14 +12,13 @@ import hashlib
 import re
 from dataclasses import fields
 from functools import cache
-from pathlib import Path
 from typing import get_args
 
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .model import ModelConfig, RoutingMethod, build_method
-from .model.config import ConfigFieldError
+from .model.config import CONF_DIR, ConfigFieldError
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 GROUPS = ("model", "size", "data", "trainer", "logger", "eval", "hydra")
@@ -30,7 +29,7 @@ PRECISIONS = frozenset(str(v) for t in get_args(_PRECISION_INPUT) for v in get_a
 @cache
 def known_keys() -> frozenset[str]:
     """Top-level keys of the composed config: conf/config.yaml's own and the config groups."""
-    primary = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "config.yaml")
+    primary = OmegaConf.load(CONF_DIR / "config.yaml")
     return frozenset(primary) - {"defaults"} | set(GROUPS)
 
 

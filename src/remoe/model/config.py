@@ -158,7 +158,8 @@ def split_legacy(d: dict) -> tuple[dict, dict]:
     return d, knobs
 
 
-CONF_SIZE_DIR = Path(__file__).resolve().parents[3] / "conf" / "size"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the Hydra config of this source checkout
+CONF_SIZE_DIR = CONF_DIR / "size"
 
 
 def preset_arch(name: str) -> dict:
