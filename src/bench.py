@@ -13,6 +13,7 @@ import sys
 
 from remoe.bench.layer import bench_layer
 from remoe.bench.model import bench_models, paper_table
+from remoe.precision import cpu_info
 from remoe.runs import git_commit, package_versions, write_json_atomic
 
 
@@ -21,7 +22,7 @@ def environment() -> dict:
 
     return {"argv": sys.argv, "git_commit": git_commit(), "versions": package_versions(),
             "torch_threads": torch.get_num_threads(), "malloc": malloc_settings(),
-            "grouped_mm": hasattr(torch, "_grouped_mm")}
+            "grouped_mm": hasattr(torch, "_grouped_mm"), "cpu": cpu_info()}  # cpu: which bf16 machine
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from remoe.bench.model import bench_models
 from remoe.cpu import MALLOC_ENV
 from remoe.model import experts as experts_mod
 from remoe.model.dispatch import group_by_expert
+from remoe.precision import FLAGS
 
 
 def _hard_case(method):
@@ -115,6 +116,7 @@ def test_bench_cli_writes_json(tmp_path):
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":  # the script re-executed itself once
         assert res["environment"]["malloc"] == MALLOC_ENV
     assert res["environment"]["versions"]["torch"] == torch.__version__
+    assert set(res["environment"]["cpu"]["flags"]) <= set(FLAGS) and res["environment"]["cpu"]["model"]
     out2 = tmp_path / "m.json"
     p = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "model", "--size", "tiny", "--batch", "2",
                         "--seq", "32", "--reps", "1", "--precision", "fp32", "--out", str(out2)],

@@ -31,7 +31,7 @@ def test_182m_dense_counts_182_4m():
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
-@pytest.mark.parametrize("variant", ["dense", "topk", "remoe"])
+@pytest.mark.parametrize("variant", ["dense", "topk", "remoe", "hash", "ec", "auxfree"])
 def test_counts_match_module(name, variant):
     cfg = preset(name, variant, vocab_size=1000, experts=4, granularity=2)
     assert n_params(Transformer(cfg)) == cfg.param_counts()["total"]
@@ -41,11 +41,11 @@ def test_counts_match_module(name, variant):
 @pytest.mark.parametrize("E,G", [(8, 1), (16, 1), (8, 4)])
 def test_moe_total_and_active(name, E, G):
     dense = preset(name, "dense", vocab_size=50257).param_counts()
-    for v in ("topk", "remoe"):
+    for v in ("topk", "remoe", "hash", "ec", "auxfree"):
         cfg = preset(name, v, vocab_size=50257, experts=E, topk=1, granularity=G)
         c = cfg.param_counts()
         ffn = 3 * cfg.d_model * cfg.ffn
-        router = cfg.d_model * E * G
+        router = 0 if v == "hash" else cfg.d_model * E * G
         assert c["total"] == dense["total"] + cfg.n_layer * ((E - 1) * ffn + router)
         assert c["active"] == dense["total"] + cfg.n_layer * router  # k=1: one expert's FFN, any G
 
@@ -65,23 +65,48 @@ def test_dense_x8_has_moe_e8_params():
 
 
 # ---- exactness of the MoE layer ---------------------------------------------------------------
-def naive_moe(layer: MoELayer, x: torch.Tensor, method: str, k: int) -> torch.Tensor:
-    """Loop over tokens and experts, gates recomputed from the formulas (not the router code)."""
-    W = layer.router.weight
-    logits = x @ W.t()
-    if method == "topk":
-        p = logits.softmax(-1)
-        gates = torch.zeros_like(p)
-        for t in range(x.shape[0]):
-            for e in torch.argsort(p[t], descending=True)[:k].tolist():
+def naive_gates(layer: MoELayer, x: torch.Tensor, method: str, k: int, ids=None) -> torch.Tensor:
+    """Each method's gates from its formula, token by token (expert by expert for EC), not the router code."""
+    T, E = x.shape[0], layer.experts.w13.shape[0]
+    gates = x.new_zeros(T, E)
+    if method == "hash":  # the table is the hash (tested on its own below); gate 1 on each of its experts
+        for t in range(T):
+            for e in layer.router.table[ids[t]].tolist():
+                gates[t, e] = 1.0
+        return gates
+    logits = x @ layer.router.weight.t()
+    if method == "remoe":
+        return torch.clamp(logits, min=0)
+    if method == "auxfree":
+        r = layer.router
+        s = logits.sigmoid() if r.score_func == "sigmoid" else logits.softmax(-1)
+        for t in range(T):
+            chosen = torch.argsort(s[t] + r.expert_bias.double(), descending=True)[:k].tolist()
+            total = sum(s[t, e] for e in chosen) if r.norm_topk_prob else 1.0
+            for e in chosen:
+                gates[t, e] = s[t, e] / total
+        return gates
+    p = logits.softmax(-1)
+    if method == "ec":  # each expert e takes the C tokens with the largest p[:, e]
+        C = max(1, math.floor(layer.router.capacity_factor * T * k / E))
+        for e in range(E):
+            for t in torch.argsort(p[:, e], descending=True)[:C].tolist():
                 gates[t, e] = p[t, e]
-    else:
-        gates = torch.clamp(logits, min=0)
+        return gates
+    for t in range(T):  # topk
+        for e in torch.argsort(p[t], descending=True)[:k].tolist():
+            gates[t, e] = p[t, e]
+    return gates
+
+
+def naive_moe(layer: MoELayer, x: torch.Tensor, method: str, k: int, ids=None) -> torch.Tensor:
+    """Loop over tokens and experts, gates recomputed from the formulas (not the router code)."""
+    gates = naive_gates(layer, x, method, k, ids)
     ex = layer.experts
     rows = []
     for t in range(x.shape[0]):
         y = torch.zeros_like(x[t])
-        for e in range(W.shape[0]):
+        for e in range(gates.shape[1]):
             if gates[t, e] != 0:
                 f = ex.w2.shape[1]
                 h = F.silu(x[t] @ ex.w13[e, :, :f]) * (x[t] @ ex.w13[e, :, f:])
@@ -99,18 +124,23 @@ def make_layer(method, E, k, G, d=16, ffn=32, seed=0):
     assert isinstance(layer, MoELayer)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    if method == "auxfree":  # a bias that changes which experts are chosen
+        layer.router.expert_bias.normal_(std=0.3)
     return layer
 
 
 CASES = [(4, 1, 1), (8, 2, 1), (4, 1, 2), (8, 1, 4), (16, 4, 1)]
+NEW_CASES = [(4, 1, 1), (8, 2, 1), (8, 1, 4)]  # the routing baselines: the cases their issue asks for
+ROUTED = ["topk", "remoe", "hash", "ec", "auxfree"]  # every MoE routing method
 
 
-@pytest.mark.parametrize("method", ["topk", "remoe"])
-@pytest.mark.parametrize("E,k,G", CASES)
+@pytest.mark.parametrize("method,E,k,G", [(m, *c) for m in ("topk", "remoe") for c in CASES]
+                         + [(m, *c) for m in ("hash", "ec", "auxfree") for c in NEW_CASES])
 def test_moe_matches_naive_reference_with_grads(method, E, k, G):
     layer = make_layer(method, E, k, G)
     torch.manual_seed(1)
     x = torch.randn(37, 16, dtype=torch.float64)
+    ids = torch.randint(0, 10, (37,))
     if method == "remoe":
         w_sum = layer.router.weight.detach().sum(0)
         x[:5] = -3.0 * w_sum / w_sum.norm()  # push some tokens toward zero gates
@@ -123,13 +153,14 @@ def test_moe_matches_naive_reference_with_grads(method, E, k, G):
         (y * w).sum().backward()
         return y.detach(), xx.grad, [p.grad.clone() for p in layer.parameters()]
 
-    y1, gx1, gp1 = run(lambda xx: layer(xx)[0])
-    y2, gx2, gp2 = run(lambda xx: naive_moe(layer, xx, method, k * G))
+    y1, gx1, gp1 = run(lambda xx: layer(xx, ids)[0])
+    y2, gx2, gp2 = run(lambda xx: naive_moe(layer, xx, method, k * G, ids))
     rel = lambda a, b: ((a - b).norm() / b.norm().clamp_min(1e-300)).item()  # noqa: E731
     assert rel(y1, y2) < 1e-10
     assert rel(gx1, gx2) < 1e-10
+    assert len(gp1) == (2 if method == "hash" else 3)  # experts (+ router)
     for a, b in zip(gp1, gp2):
-        assert rel(a, b) < 1e-10
+        assert b.norm() > 0 and rel(a, b) < 1e-10  # every parameter gets a gradient, the reference's
 
 
 @pytest.fixture
@@ -175,11 +206,105 @@ def test_relu_layer_fully_sparse_runs_and_keeps_graph():
     assert layer.experts.w13.grad is not None and (layer.experts.w13.grad == 0).all()
 
 
-def test_topk_rows_computed_is_t_times_k(rows_computed):
-    layer = make_layer("topk", 8, 2, 1)
+@pytest.mark.parametrize("method", ["topk", "hash", "auxfree", "ec"])
+def test_rows_computed_are_the_routed_pairs(rows_computed, method):
+    """Only routed (token, expert) pairs go through the experts: T*k for the token-choice methods,
+    E*C for Expert Choice (C = T*k/E: 50*2/8 -> 12 tokens per expert)."""
+    layer = make_layer(method, 8, 2, 1)
     with torch.no_grad():
-        layer(torch.randn(50, 16, dtype=torch.float64))
-    assert rows_computed == [100, 100]
+        y, routed = layer(torch.randn(50, 16, dtype=torch.float64), torch.randint(0, 10, (50,)))
+    n = 8 * 12 if method == "ec" else 100
+    assert int((routed.gates != 0).sum()) == n and rows_computed == [n, n]
+
+
+def test_balanced_hash_is_distinct_balanced_and_seeded():
+    from remoe.model.routers import balanced_hash
+
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    t = balanced_hash(1000, 8, 3, g())
+    assert t.shape == (1000, 3) and torch.equal(t, balanced_hash(1000, 8, 3, g()))
+    assert not torch.equal(t, balanced_hash(1000, 8, 3, torch.Generator().manual_seed(4)))
+    assert all(len(set(row)) == 3 for row in t.tolist())  # k distinct experts per token id
+    first = torch.bincount(t[:, 0], minlength=8)
+    assert first.max() - first.min() <= 1  # the first hash: balanced over the vocabulary to one id
+    total = torch.bincount(t.flatten(), minlength=8)
+    assert total.max() / total.float().mean() < 1.1  # all k: balanced to within 10% (collisions move on)
+
+
+def test_hash_routes_by_token_id_only():
+    layer = make_layer("hash", 8, 1, 1)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    ids = torch.tensor([3, 3, 5, 5, 3, 7])
+    gates = layer(x, ids)[1].gates
+    assert (gates.sum(1) == 1).all() and torch.equal(gates[0], gates[1]) and torch.equal(gates[0], gates[4])
+    assert torch.equal(gates, layer(torch.randn(6, 16, dtype=torch.float64), ids)[1].gates)
+    with pytest.raises(ValueError, match="token ids"):
+        layer(x)
+
+
+def test_expert_choice_is_not_causal_across_the_batch():
+    """What its docstring says: changing a later token can change an earlier token's experts."""
+    layer = make_layer("ec", 4, 1, 1)
+    torch.manual_seed(5)
+    x = torch.randn(16, 16, dtype=torch.float64)
+    gates = layer(x)[1].gates
+    assert ((gates > 0).sum(0) == 4).all()  # every expert takes C = 16*1/4 tokens
+    taken = (gates > 0).sum(1)
+    assert taken.min() == 0 or taken.max() > 1  # a token gets 0..E experts
+    t0 = int(torch.nonzero(gates[:8].sum(1) > 0)[0])  # an early token that some expert took
+    e = int(torch.nonzero(gates[t0])[0])
+    y = x.clone()
+    w_e = layer.router.weight[e].detach()
+    y[8:] = 40 * w_e / w_e.norm()  # every later token now scores highest for expert e
+    assert layer(y)[1].gates[t0, e] == 0
+
+
+def test_auxfree_bias_selects_but_gates_are_affinities():
+    layer = make_layer("auxfree", 4, 1, 1)
+    x = torch.randn(20, 16, dtype=torch.float64)
+    layer.router.expert_bias.zero_()
+    layer.router.expert_bias[2] = 100.0  # every token picks expert 2 ...
+    g = layer(x)[1].gates
+    assert (g[:, 2] > 0).all() and (g.sum(1) == g[:, 2]).all()
+    assert torch.allclose(g[:, 2], (x @ layer.router.weight.t()).sigmoid()[:, 2])  # ... at its affinity
+
+
+def test_auxfree_bias_update_follows_the_load_and_is_in_the_state_dict():
+    import numpy as np
+
+    cfg = preset("tiny", "auxfree", vocab_size=100, experts=4)
+    model, m = Transformer(cfg), build_method(cfg, bias_update_rate=0.01)
+    counts = np.array([[10, 0, 5, 1], [4, 4, 4, 4]])  # mean 4: layer 0 over, under, over, under
+    logs = m.on_optimizer_step(RoutingStats(0, counts, np.array([16, 16])), model)
+    b = [layer.router.expert_bias.tolist() for layer in model.moe_layers()]
+    assert b[0] == pytest.approx([-0.01, 0.01, -0.01, 0.01]) and b[1] == [0.0] * 4
+    assert logs == {"train/expert_bias_absmax": pytest.approx(0.01)}
+    bias0 = model.state_dict()["blocks.0.ffn.router.expert_bias"]
+    assert torch.equal(bias0, model.moe_layers()[0].router.expert_bias)
+    fresh = Transformer(cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.moe_layers()[0].router.expert_bias.tolist() == pytest.approx(b[0])
+    assert build_method(cfg, load_balancing=False).bias_update_rate == 0.0  # the LB ablation
+
+
+def test_router_state_is_in_the_checkpointed_state_dict():
+    """The hash table and the bias are persistent buffers: a model built with another seed and loaded from the
+    state dict routes exactly as the original."""
+    idx = torch.randint(0, 100, (2, 16))
+    for method in ("hash", "auxfree"):
+        cfg = preset("tiny", method, vocab_size=100, experts=8, topk=2)
+        torch.manual_seed(0)
+        a = Transformer(cfg)
+        for m in a.moe_layers():
+            if method == "auxfree":
+                m.router.expert_bias.normal_()
+        torch.manual_seed(1)
+        b = Transformer(cfg)
+        assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        b.load_state_dict(a.state_dict())
+        oa, ob = a(idx), b(idx)
+        assert torch.equal(oa.logits, ob.logits)
+        assert all(torch.equal(x.gates, y.gates) for x, y in zip(oa.routing, ob.routing))
 
 
 def test_topk_gates_are_unrenormalised_softmax_probs():
@@ -260,6 +385,11 @@ def test_controller_multiplies_below_target_and_divides_above():
         (dict(granularity=5), "granularity"),  # 4*64=256 not divisible by 5
         (dict(granularity=0), "granularity"),
         (dict(routing="softmax"), "routing"),
+        (dict(capacity_factor=2.0), "capacity_factor"),  # an Expert Choice option, not ReMoE's
+        (dict(routing="dense", score_func="softmax"), "score_func"),
+        (dict(routing="ec", capacity_factor=0.0), "capacity_factor"),
+        (dict(routing="auxfree", score_func="relu"), "score_func"),
+        (dict(routing="auxfree", norm_topk_prob=True), "norm_topk_prob"),  # k*G = 1: gates all 1
     ],
 )
 def test_bad_arguments_name_the_argument(kw, name):
@@ -278,6 +408,8 @@ def test_bad_arguments_name_the_argument(kw, name):
         ("topk", dict(aux_loss_coef=-1.0), "aux_loss_coef"),
         ("topk", dict(warmup_topk=9), "warmup_topk"),
         ("dense", dict(lambda0=1e-8), "lambda0"),
+        ("auxfree", dict(bias_update_rate=-1.0), "bias_update_rate"),
+        ("hash", dict(aux_loss_coef=0.01), "aux_loss_coef"),
     ],
 )
 def test_bad_method_knobs_name_the_knob(method, kw, name):

@@ -42,7 +42,7 @@ DATA = {"stdlib": [], "text_files": [f"data.files=[{ROOT / 'pyproject.toml'}]"],
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "182m", "469m", "978m"])
-@pytest.mark.parametrize("model", ["dense", "topk", "remoe"])
+@pytest.mark.parametrize("model", ["dense", "hash", "ec", "topk", "auxfree", "remoe"])
 def test_every_size_and_model_composes_and_validates(size, model):
     cfg = composed(f"model={model}", f"size={size}")
     mcfg = validate(cfg)
@@ -71,7 +71,7 @@ def test_paper_recipe_defaults():
     cfg = composed("size=182m", "model=remoe", "trainer=gpu")
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup) == (5e-4, 5e-5, 0.01)
     assert (cfg.size.global_batch_size, cfg.size.seq_len, cfg.trainer.max_steps) == (512, 1024, 60000)
-    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "auto"  # bf16-mixed on a bf16 GPU
     assert (cfg.model.lambda0, cfg.model.alpha) == (1e-8, 1.2)
     assert batch_split(cfg) == (8, 64)  # one GPU: 512 = 8 x 64 accumulation
     assert batch_split(composed("size=182m", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4")) == (8, 2)
@@ -245,6 +245,14 @@ def test_ddp_two_cpu_ranks_share_lambda_and_sparsity(train):
     lam, sp = s["rank_states"]["lambda"], s["rank_states"]["sparsity"]
     assert len(lam) == 2 and lam[0] == lam[1] and sp[0] == sp[1]
     assert lam[0] == pytest.approx(s["lambda"])
+
+
+def test_ddp_two_cpu_ranks_update_the_same_expert_bias(train):
+    """Aux-loss-free balancing: each rank moves its own copy of the bias from the all-reduced counts."""
+    _, out = train("model=auxfree", "trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", *FAST)
+    s = read_summary(Path(summaries(out)[0]).parent)
+    bias = s["rank_states"]["expert_bias_checksum"]
+    assert s["status"] == "completed" and len(bias) == 2 and bias[0] == bias[1] != 0
 
 
 def test_multirun_with_ddp_runs_each_point_once(train):

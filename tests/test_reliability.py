@@ -59,23 +59,25 @@ def test_sampler_position_is_a_pure_function_of_the_index():
     assert not set(first) & set(full[0])  # ranks get disjoint samples
 
 
-def test_sigkill_then_resume_gives_bitwise_identical_metrics(tmp_path, env):
+@pytest.mark.parametrize("model", ["remoe", "auxfree", "hash"])  # lambda; the expert bias; the hash table
+def test_sigkill_then_resume_gives_bitwise_identical_metrics(tmp_path, env, model):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     ref.mkdir()
     cut.mkdir()
-    p = start(ref, env)
+    p = start(ref, env, f"model={model}")
     assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-    q = start(cut, env)
+    q = start(cut, env, f"model={model}")
     wait_for_checkpoint(cut, q)
     q.send_signal(signal.SIGKILL)  # wherever it is
     q.wait()
     killed_at = torch.load(cut / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
     assert killed_at < 16 and read_summary(cut) is None
-    r = start(cut, env, "resume=true")
+    r = start(cut, env, f"model={model}", "resume=true")
     assert r.wait(timeout=600) == 0, r.stderr.read()[-3000:]
     a, b = read_summary(ref), read_summary(cut)
     assert b["resumed_from"].endswith("last.ckpt") and b["steps"] == a["steps"] == 16
-    assert b["val_loss"] == a["val_loss"] and b["lambda"] == a["lambda"]  # bitwise
+    assert b["model"] == model and b["val_loss"] == a["val_loss"] and b["lambda"] == a["lambda"]  # bitwise
+    assert b["rank_states"] == a["rank_states"]  # the routing method's state (lambda, expert bias), bitwise
     loss_a, loss_b = series(ref, "train/loss"), series(cut, "train/loss")
     assert loss_b[15] == loss_a[15]  # the last training step, bitwise
     print(f"killed at step {killed_at}; resumed; final val loss {a['val_loss']} both")

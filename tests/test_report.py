@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import FAST
 from remoe.report import build_report
 from remoe.report.collect import collect
 from remoe.report.tables import aggregate, to_latex, to_markdown
@@ -38,7 +39,9 @@ def test_report_over_a_multirun(tiny_sweep, tmp_path):
     t = pd.read_csv(out / "tables" / "routing_methods.csv", dtype=str)
     ours = t[t["source"].str.startswith("ours")]
     assert sorted(ours["model"]) == ["dense", "remoe", "topk"] and set(ours["n"]) == {"2"}
-    assert (t["source"].str.startswith("paper")).sum() == 3
+    paper_rows = t[t["source"].str.startswith("paper")]["model"].tolist()  # Table 2: all seven
+    assert paper_rows == ["dense", "hash", "lory (not implemented)", "sparsemixer-v2 (not implemented)", "ec",
+                          "topk", "remoe"]
     # every number traces back to the runs' summaries
     for _, row in ours.iterrows():
         runs = [read_summary(Path(p).parent) for p in glob.glob(str(tiny_sweep / "**" / "summary.json"), recursive=True)]
@@ -57,6 +60,25 @@ def test_report_over_a_multirun(tiny_sweep, tmp_path):
     # the claims section states a verdict with the numbers behind it
     assert "## The paper's claims at this scale" in index
     assert "ReMoE reaches a lower validation loss than TopK at every E" in index and "(n=2)" in index
+
+
+def test_report_covers_every_routing_method(tiny_sweep, train, tmp_path):
+    """The routing baselines trained by a real multirun: rows in the routing-methods table, a load heatmap
+    each, and a line each in the inactive-expert claim."""
+    _, out = train("-m", "model=hash,ec,auxfree", "seed=1", "eval.n_docs=30", "report_on_multirun_end=false",
+                   "logger=csv", *FAST)
+    res = build_report([str(tiny_sweep), str(out)], str(tmp_path / "rep"))
+    assert res["runs"] == 9 and res["skipped"] == []
+    t = pd.read_csv(tmp_path / "rep" / "tables" / "routing_methods.csv", dtype=str)
+    ours = t[t["source"].str.startswith("ours")]
+    assert sorted(ours["model"]) == ["auxfree", "dense", "ec", "hash", "remoe", "topk"]
+    assert ours[ours["model"] == "ec"]["n"].tolist() == ["1"] and ours["Choice"].notna().all()
+    figs = {Path(p).name for p in res["figures"]}
+    assert {f"fig_heatmap_{m}.png" for m in ("hash", "ec", "auxfree", "topk", "remoe")} <= figs
+    index = (tmp_path / "rep" / "README.md").read_text()
+    claim = index[index.index("Load balancing leaves no inactive expert"):]
+    for m in ("hash, without", "ec, with", "auxfree, with", "topk, with", "remoe, with"):
+        assert f"  - {m} load balancing: inactive cells" in claim, m
 
 
 def test_report_is_deterministic(tiny_sweep, tmp_path):

@@ -29,12 +29,15 @@ def test_each_model_yaml_is_one_method_with_its_knobs(path):
 
 
 def test_summary_fields_of_every_method_are_declared():
+    from remoe.model import Transformer
+
     declared = set(RunSummary.keys())
     for name, cls in METHODS.items():
-        method = build_method(preset("tiny", name, vocab_size=100))
+        cfg = preset("tiny", name, vocab_size=100)
+        method = build_method(cfg)
         stats = RoutingStats(0, np.array([[512, 0, 0, 0, 0, 0, 0, 0]] * 2), np.array([4096, 4096]))
         if method.moe:
-            method.on_optimizer_step(stats)
+            method.on_optimizer_step(stats, Transformer(cfg))
         assert set(method.summary()) <= declared, name
         RunSummary().update(**method.summary())  # the contract accepts them
 

@@ -108,8 +108,9 @@ class LitLM(L.LightningModule):
         self.last_routing = stats
         bar = set(self.routing.progress_bar)
         logs = {"train/sparsity": stats.sparsity, "train/experts_per_token": stats.experts_per_token,
+                "train/max_violation": stats.max_violation,
                 **{f"sparsity/layer_{i}": s for i, s in enumerate(stats.layer_sparsity.tolist())},
-                **self.routing.on_optimizer_step(stats)}
+                **self.routing.on_optimizer_step(stats, self.model)}
         for name, value in logs.items():
             self.log(name, value, on_step=True, prog_bar=name in bar)
         if self.routing_log_interval and stats.step % self.routing_log_interval == 0:

@@ -20,8 +20,9 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from . import precision
 from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput
 from .console import closing_line
 from .cpu import malloc_settings
@@ -193,9 +194,18 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
 
 
 def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
-    completed_before = (read_summary(run_dir) or {}).get("status") == "completed"
+    before = read_summary(run_dir) or {}
+    completed_before = before.get("status") == "completed"
+    requested = str(cfg.trainer.precision)
+    choice = precision.resolve(requested, str(cfg.trainer.accelerator), mcfg.d_model, mcfg.ffn * mcfg.ffn_mult,
+                               previous=before.get("precision") if resume.path else None,
+                               rank=rank_zero_only.rank)
+    with open_dict(cfg):
+        cfg.trainer.precision = choice["precision"]
+    cpu = choice.pop("cpu")
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
                          ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision),
+                         precision_choice={"requested": requested, **choice}, cpu=cpu,
                          git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
                          malloc=malloc_settings())
     summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails

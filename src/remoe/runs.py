@@ -58,7 +58,7 @@ class RunSummary:
     status: str = "running"  # running -> completed | failed | preempted
     name: str | None = None  # the experiment (W&B group)
     # the setting
-    model: str | None = _f(identity=True, required=True)  # the routing method: dense, topk, remoe
+    model: str | None = _f(identity=True, required=True)  # the routing method (routing.METHODS)
     size: str | None = _f(identity=True, required=True)
     experts: int | None = _f(identity=True, required=True)
     topk: int | None = _f(identity=True, required=True)
@@ -73,7 +73,13 @@ class RunSummary:
     aux_loss_coef: float | None = _f(identity=True)  # TopK
     warmup_topk: int | None = _f(identity=True)  # TopK near-dense warm-up: k during the first warmup_steps
     warmup_steps: int | None = _f(identity=True)
-    precision: str | None = _f(identity=True)  # trainer.precision
+    capacity_factor: float | None = _f(identity=True)  # Expert Choice
+    score_func: str | None = _f(identity=True)  # aux-loss-free: sigmoid or softmax affinities
+    norm_topk_prob: bool | None = _f(identity=True)  # aux-loss-free: gates normalised over the chosen k
+    bias_update_rate: float | None = _f(identity=True)  # aux-loss-free: u in b_e += u sign(mean - load_e)
+    precision: str | None = _f(identity=True)  # trainer.precision as trained (auto resolved)
+    precision_choice: dict | None = None  # how it was chosen: requested, reason, timings (remoe.precision)
+    cpu: dict | None = None  # CPU model and the flags that decide bf16 speed
     corpus: str | None = _f(identity=True)  # fingerprint of the training corpus
     vocab_size: int | None = None
     total_params: int | None = None

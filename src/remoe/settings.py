@@ -135,8 +135,9 @@ def validate(cfg: DictConfig) -> ModelConfig:
             raise ConfigError(f"{key}: must be an int (got {cfg.get(key)!r})")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed: must be in [0, 2^32) (got {cfg.seed})")
-    if str(cfg.trainer.precision) not in PRECISIONS:
-        raise ConfigError(f"trainer.precision: {cfg.trainer.precision!r} is not one of {sorted(PRECISIONS)}")
+    if str(cfg.trainer.precision) not in PRECISIONS | {"auto"}:
+        raise ConfigError(f"trainer.precision: {cfg.trainer.precision!r} is not one of "
+                          f"{sorted(PRECISIONS | {'auto'})} (auto: chosen from the machine, remoe.precision)")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:

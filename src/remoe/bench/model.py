@@ -36,7 +36,7 @@ def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 20
         ok = ok + 1 if abs(s - model.cfg.target_sparsity) < 0.02 else 0
         if ok == 3:
             break
-        method.on_optimizer_step(stats)
+        method.on_optimizer_step(stats, model)
     model.reset_routing_counts()
     return s
 

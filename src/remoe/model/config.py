@@ -40,6 +40,11 @@ class ModelConfig:
     experts: int = 8
     topk: int = 1
     granularity: int = 1
+    # Router options of single methods (each method lists the ones it reads in `arch_options`; any other
+    # method must leave them at their defaults). Names as in Hugging Face MoE configs.
+    capacity_factor: float = 1.0  # ec: each expert takes capacity_factor * T * k / E tokens
+    score_func: str = "sigmoid"  # auxfree: affinities by "sigmoid" (DeepSeek-V3) or "softmax"
+    norm_topk_prob: bool | None = None  # auxfree: gates / their sum over the chosen k; None: on iff k*G > 1
 
     def __post_init__(self):
         from .routing import METHODS  # routing builds on this module
@@ -59,6 +64,11 @@ class ModelConfig:
         need((self.d_model // self.n_head) % 2 == 0, "n_head", "head dim must be even for RoPE")
         need(isinstance(self.ffn_mult, int) and self.ffn_mult >= 1, "ffn_mult", "must be an int >= 1")
         need(self.routing in METHODS, "routing", f"unknown routing method; choose one of {sorted(METHODS)}")
+        for f in fields(self):  # a router option another method reads must stay at its default
+            owners = [m for m, cls in METHODS.items() if f.name in cls.arch_options]
+            if owners and self.routing not in owners:
+                need(getattr(self, f.name) == f.default, f.name,
+                     f"an option of routing {'/'.join(owners)}, not of {self.routing!r}")
         if not self.is_moe:
             return
         need(self.ffn_mult == 1, "ffn_mult", "only the dense model can be widened")
@@ -67,6 +77,13 @@ class ModelConfig:
         need(self.topk <= self.experts, "topk", f"must be <= experts={self.experts}")
         need(self.ffn % self.granularity == 0, "granularity",
              f"must divide ffn_hidden={self.ffn} (each of E*G experts has ffn_hidden/G units)")
+        need(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0, "capacity_factor",
+             "must be > 0")
+        need(self.score_func in ("sigmoid", "softmax"), "score_func", "choose sigmoid or softmax")
+        need(self.norm_topk_prob is None or isinstance(self.norm_topk_prob, bool), "norm_topk_prob",
+             "must be true, false or null (null: on iff topk*granularity > 1)")
+        need(not (self.norm_topk_prob and self.n_active == 1), "norm_topk_prob",
+             "at one active expert every normalised gate is 1 and the router gets no gradient")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -101,6 +118,11 @@ class ModelConfig:
     @property
     def expert_ffn(self) -> int:
         return self.ffn // self.granularity
+
+    @property
+    def normalizes_gates(self) -> bool:
+        """auxfree: whether the chosen gates are divided by their sum (norm_topk_prob, None resolved)."""
+        return self.n_active > 1 if self.norm_topk_prob is None else self.norm_topk_prob
 
     @property
     def target_sparsity(self) -> float:

@@ -151,7 +151,7 @@ class SwiGLU(nn.Module):
         self.w13 = nn.Linear(d_model, 2 * ffn, bias=False)  # gate W1 | up W3, one GEMM (as the experts)
         self.w2 = nn.Linear(ffn, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(y, None): a dense FFN has no router output."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """(y, None): a dense FFN has no router output (and does not read the token ids)."""
         a, b = self.w13(x).split(self.ffn, dim=-1)
         return self.w2(F.silu(a) * b), None

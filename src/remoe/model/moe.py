@@ -26,10 +26,11 @@ class MoELayer(nn.Module):
         self.register_buffer("routed_counts", torch.zeros(E, dtype=torch.long), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """x (..., d) and the token ids (...) of its positions (hash routing reads them)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routed = self.router(x)
+        routed = self.router(x, None if ids is None else ids.reshape(-1))
         routing = group_by_expert(routed.gates)
         y = self.experts(x, routing)
         if self.training:

@@ -24,7 +24,7 @@ from .config import ConfigFieldError
 from .experts import SwiGLU
 from .moe import MoELayer
 from .regularizers import LambdaController, l1_loss, lb_l1_loss, switch_aux_loss
-from .routers import ReLURouter, TopKRouter
+from .routers import AuxFreeRouter, ExpertChoiceRouter, HashRouter, ReLURouter, TopKRouter
 from .stats import RoutingStats
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class RoutingMethod:
     moe: ClassVar[bool] = True  # the FFN is an MoE layer (routing statistics exist)
     loss_name: ClassVar[str | None] = None  # logged as train/<loss_name> and train/weighted_<loss_name>
     progress_bar: ClassVar[tuple[str, ...]] = ()  # logged keys to show in the progress bar
+    arch_options: ClassVar[tuple[str, ...]] = ()  # the ModelConfig router options this method reads
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -115,9 +116,9 @@ class RoutingMethod:
     def on_train_step_start(self, step: int, model: Transformer) -> None:
         """Before each training micro-batch of optimizer step `step`."""
 
-    def on_optimizer_step(self, stats: RoutingStats) -> dict[str, float]:
-        """After each optimizer step, with that step's all-reduced counts: update state; returns what to log
-        (the values used in the step just taken)."""
+    def on_optimizer_step(self, stats: RoutingStats, model: Transformer | None = None) -> dict[str, float]:
+        """After each optimizer step, with that step's all-reduced counts (and the model, for state that lives
+        in its routers): update state; returns what to log (the values used in the step just taken)."""
         self.sparsity_history.append(stats.sparsity)
         per_token = stats.layer_experts_per_token.tolist()
         self.layer_tail = (self.layer_tail + [per_token])[-TAIL:]
@@ -285,7 +286,7 @@ class ReMoE(RoutingMethod):
         weighted = torch.stack([c.value * r for c, r in zip(self.controllers, layers)]).mean()
         return torch.stack(layers).mean(), weighted
 
-    def on_optimizer_step(self, stats: RoutingStats) -> dict[str, float]:
+    def on_optimizer_step(self, stats: RoutingStats, model: Transformer | None = None) -> dict[str, float]:
         super().on_optimizer_step(stats)
         used = [c.value for c in self.controllers]  # lambda_i, the values this step was trained with
         if self.per_layer:  # each layer on its own integer counts
@@ -328,6 +329,84 @@ class ReMoE(RoutingMethod):
                 "layer_lambda": [c.value for c in self.controllers] if self.per_layer else None,
                 "sparsity": tail_mean(self.sparsity_history),
                 "settling_step": None if i is None else self.history_start + i}
+
+
+class Hash(RoutingMethod):
+    """Hash layers (Roller et al., 2021): each token id goes to k*G fixed distinct experts of a seeded,
+    balanced hash of the vocabulary (routers.balanced_hash; the table is a model buffer, so it is in every
+    checkpoint), gate 1. No router parameters, no loss, nothing to balance: the load follows the token
+    frequencies."""
+
+    name = "hash"
+
+    @classmethod
+    def build_router(cls, cfg: ModelConfig) -> nn.Module:
+        return HashRouter(cfg.padded_vocab_size, cfg.n_experts, cfg.n_active)
+
+    @classmethod
+    def router_params(cls, cfg: ModelConfig) -> int:
+        return 0
+
+
+class ExpertChoice(RoutingMethod):
+    """Expert Choice (Zhou et al., 2022): each expert takes its top-C tokens of the forward's batch by
+    softmax score, C = capacity_factor * T * k / E; gate = the score; no balancing loss (every expert
+    gets exactly C tokens). Not causal across the batch (routers.ExpertChoiceRouter): evaluated as the
+    paper did, on the batches the evaluator forms."""
+
+    name = "ec"
+    arch_options = ("capacity_factor",)
+
+    @classmethod
+    def build_router(cls, cfg: ModelConfig) -> nn.Module:
+        return ExpertChoiceRouter(cfg.d_model, cfg.n_experts, cfg.n_active, cfg.capacity_factor)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "capacity_factor": self.cfg.capacity_factor}
+
+
+class AuxFree(RoutingMethod):
+    """Auxiliary-loss-free load balancing (Wang et al., 2024, DeepSeek-V3): top-k on sigmoid (or softmax)
+    affinity + a per-expert bias; after each optimizer step every layer's bias moves by
+    bias_update_rate * sign(mean load - load_e) on the step's all-reduced counts, so under-loaded experts
+    are chosen more. The bias selects only (gates are the affinities, routers.AuxFreeRouter). No loss:
+    DeepSeek-V3's extra sequence-wise balance loss (alpha = 1e-4) is not included."""
+
+    name = "auxfree"
+    arch_options = ("score_func", "norm_topk_prob")
+
+    def __init__(self, cfg: ModelConfig, bias_update_rate: float = 1e-3, load_balancing: bool = True):
+        super().__init__(cfg)
+        if not bias_update_rate >= 0:
+            raise ConfigFieldError("bias_update_rate", f"must be >= 0 (got {bias_update_rate!r})")
+        self.bias_update_rate = float(bias_update_rate) if load_balancing else 0.0  # LB ablation: no bias
+        self.bias: torch.Tensor | None = None  # (L, E) after the latest update (the model's buffers hold it)
+
+    @classmethod
+    def build_router(cls, cfg: ModelConfig) -> nn.Module:
+        return AuxFreeRouter(cfg.d_model, cfg.n_experts, cfg.n_active, cfg.score_func, cfg.normalizes_gates)
+
+    def on_optimizer_step(self, stats: RoutingStats, model: Transformer | None = None) -> dict[str, float]:
+        super().on_optimizer_step(stats)
+        if model is None:
+            raise ValueError("auxfree updates the expert bias held by the model's routers: pass the model")
+        load = torch.as_tensor(stats.counts, dtype=torch.float32)
+        step = self.bias_update_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+        for layer, delta in zip(model.moe_layers(), step):
+            layer.router.expert_bias += delta.to(layer.router.expert_bias.device)
+        self.bias = torch.stack([m.router.expert_bias for m in model.moe_layers()]).cpu().double()
+        return {"train/expert_bias_absmax": float(self.bias.abs().max())}
+
+    def rank_state(self) -> dict[str, float] | None:
+        """The biases every rank updated on its own from the same all-reduced counts: a weighted checksum."""
+        if self.bias is None:
+            return None
+        weights = torch.arange(1, self.bias.numel() + 1, dtype=torch.float64).reshape(self.bias.shape)
+        return {"expert_bias_checksum": float((self.bias * weights).sum())}
+
+    def summary(self) -> dict:
+        return {**super().summary(), "score_func": self.cfg.score_func,
+                "norm_topk_prob": self.cfg.normalizes_gates, "bias_update_rate": self.bias_update_rate}
 
 
 def build_method(cfg: ModelConfig, **knobs) -> RoutingMethod:

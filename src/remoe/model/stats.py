@@ -32,6 +32,14 @@ def expert_share(counts) -> np.ndarray:
     return counts / counts.sum(-1, keepdims=True).clip(min=1)
 
 
+def max_violation(counts) -> np.ndarray:
+    """Load imbalance per layer, MaxVio of Wang et al. (2024): (max_e load_e - mean load) / mean load; 0 is
+    perfectly balanced, E - 1 is every pair on one expert (0 if nothing was routed)."""
+    counts = np.asarray(counts).astype(np.float64)
+    mean = counts.mean(-1)
+    return np.where(mean > 0, (counts.max(-1) - mean) / np.maximum(mean, 1e-300), 0.0)
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     """One optimizer step's routing counts, summed over micro-batches and data-parallel ranks."""
@@ -56,6 +64,11 @@ class RoutingStats:
     @property
     def layer_experts_per_token(self) -> np.ndarray:
         return experts_per_token(self.counts, self.tokens)
+
+    @property
+    def max_violation(self) -> float:
+        """MaxVio averaged over layers (max_violation)."""
+        return float(max_violation(self.counts).mean())
 
     def layer_below_target(self, k: int) -> list[bool]:
         """Per layer: sparsity < 1 - k/E, on the integer counts: nnz_l > k T_l."""

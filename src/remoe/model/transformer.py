@@ -63,9 +63,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = METHODS[cfg.routing].build_ffn(cfg)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
+    def forward(self, x, cos, sin, idx) -> tuple[torch.Tensor, RouterOutput | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        y, routed = self.ffn(self.ffn_norm(x))
+        y, routed = self.ffn(self.ffn_norm(x), idx)
         return x + y, routed
 
 
@@ -102,7 +102,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         routing = []
         for block in self.blocks:
-            x, routed = block(x, cos, sin)
+            x, routed = block(x, cos, sin, idx)
             if routed is not None:
                 routing.append(routed)
         return ModelOutput(self.lm_head(self.norm(x)), tuple(routing))

@@ -112,6 +112,11 @@ def _figures(df, fig_dir: str) -> list[str]:
     if std_topk is not None:
         candidates += [figures.routing_heatmap(std_topk["run_dir"], fig_dir, "fig_heatmap_topk"),
                        figures.domain_plot(std_topk["run_dir"], fig_dir, "fig_domain_topk")]
+    others = df[tables.standard_moe(df) & ~df["model"].isin(["topk", "remoe"])]
+    for model, runs in others.groupby("model", sort=True):  # the other routing methods' load heatmaps
+        at_e8 = runs[(runs["experts"] == 8) & (runs["granularity"] == 1)]
+        candidates.append(figures.routing_heatmap((at_e8 if len(at_e8) else runs).iloc[0]["run_dir"], fig_dir,
+                                                  f"fig_heatmap_{model}"))
     per_e = [r for _, r in moe.drop_duplicates(["model", "experts", "granularity"]).iterrows()]
     candidates += [
         figures.layer_sparsity_plot([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(

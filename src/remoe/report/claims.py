@@ -53,35 +53,44 @@ def inactive_experts(run_dir: str) -> int | None:
 
 
 def _load_balanced(df: pd.DataFrame) -> pd.Series:
-    return ((df["model"] == "remoe") & (df["regularizer"] == "lb_l1")) | \
-        ((df["model"] == "topk") & (df["aux_loss_coef"].fillna(0) > 0))
+    """Runs with a load-balancing mechanism on: ReMoE's LB-L1, TopK's aux loss, the aux-loss-free bias, and
+    Expert Choice (every expert takes C tokens by construction). Hash routing has none."""
+    col = lambda c: df[c] if c in df else pd.Series(None, index=df.index, dtype=float)  # noqa: E731
+    return ((df["model"] == "remoe") & (col("regularizer") == "lb_l1")) | \
+        ((df["model"] == "topk") & (col("aux_loss_coef").fillna(0) > 0)) | \
+        ((df["model"] == "auxfree") & (col("bias_update_rate").fillna(0) > 0)) | (df["model"] == "ec")
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
-    moe = df[df["model"].isin(["topk", "remoe"])].copy()
+    moe = df[df["model"].notna() & (df["model"] != "dense")].copy()
     moe["inactive"] = [inactive_experts(d) for d in moe["run_dir"]]
     moe = moe.dropna(subset=["inactive"])
     if moe.empty:
         return []
-    lb, nolb = moe[_load_balanced(moe)], moe[~_load_balanced(moe)]
+    moe["lb"] = _load_balanced(moe)
+    lb, nolb = moe[moe["lb"]], moe[~moe["lb"]]
     head = ("- Load balancing leaves no inactive expert (routed-token share < 1/(8·E·G) over the second half "
             "of training: the paper's 1/64 at E=8)")
-    if len(nolb):  # as the paper: with against without load balancing, same method
-        lines = []
-        verdicts = []
-        for m in ("topk", "remoe"):
+    by_method = [f"  - {m}, {'with' if on else 'without'} load balancing: inactive cells "
+                 f"{_ms(g['inactive'], 1)}" for (m, on), g in moe.groupby(["model", "lb"], sort=True)]
+    both = [m for m in sorted(moe["model"].unique())
+            if len(lb[lb["model"] == m]) and len(nolb[nolb["model"] == m])]
+    if both:  # as the paper: with against without load balancing, same method
+        lines, verdicts = [], []
+        for m in both:
             a, b = lb[lb["model"] == m], nolb[nolb["model"] == m]
-            if len(a) and len(b):
-                v = compare(_by_seed(a, "inactive").astype(float), _by_seed(b, "inactive").astype(float))
-                verdicts.append(v)
-                lines.append(f"  - {m}: inactive cells with LB {_ms(a['inactive'], 1)}, without "
-                             f"{_ms(b['inactive'], 1)}: fewer with LB {v}")
-        return [f"{head}, and fewer than without it: {all_of(verdicts, 'methods')}.", *lines]
+            v = compare(_by_seed(a, "inactive").astype(float), _by_seed(b, "inactive").astype(float))
+            verdicts.append(v)
+            lines.append(f"  - {m}: inactive cells with LB {_ms(a['inactive'], 1)}, without "
+                         f"{_ms(b['inactive'], 1)}: fewer with LB {v}")
+        return [f"{head}, and fewer than without it: {all_of(verdicts, 'methods')}.", *lines,
+                "  - every method and setting:", *[f"  {x}" for x in by_method]]
     bad = int((lb["inactive"] > 0).sum())
     word = Verdict("holds" if bad == 0 else "does not hold",
-                   f"{bad} of {len(lb)} load-balanced runs have any; no run without load balancing to "
-                   "compare")
-    return [f"{head}: {word}."]
+                   f"{bad} of {len(lb)} load-balanced runs have any; no method run both with and "
+                   "without load balancing to compare") if len(lb) else \
+        Verdict("inconclusive", "no load-balanced run")
+    return [f"{head}: {word}.", *by_method]
 
 
 def claims(df: pd.DataFrame) -> str:

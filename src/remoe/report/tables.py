@@ -17,6 +17,14 @@ TASK_METRIC = {"remoe_cloze": "acc", "remoe_choice": "acc", **{t: "acc" for t in
 TASK_LABEL = {"remoe_cloze": "Cloze", "remoe_choice": "Choice", "arc_challenge": "ARC-c", "arc_easy": "ARC-e",
               "boolq": "BoolQ", "hellaswag": "HellaSwag", "lambada_openai": "LAMBADA", "piqa": "PIQA", "race": "RACE"}
 STD = dict(regularizer="lb_l1", aux_loss_coef=0.01, lambda0=1e-8, alpha=1.2)
+# Each method's standard setting (the paper's / the method's defaults); runs with other values are sweeps
+# (lambda0=1, no load balancing, ...) and appear only in their own tables. A method not listed has none.
+STANDARD = {"dense": dict(ffn_mult=1),
+            "topk": dict(aux_loss_coef=STD["aux_loss_coef"]),
+            "remoe": dict(regularizer=STD["regularizer"], lambda0=STD["lambda0"], alpha=STD["alpha"],
+                          lambda_per_layer=False),
+            "ec": dict(capacity_factor=1.0),
+            "auxfree": dict(score_func="sigmoid", bias_update_rate=1e-3)}
 
 
 def tasks_in(df: pd.DataFrame) -> list[str]:
@@ -40,14 +48,23 @@ def with_downstream(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _standard(df: pd.DataFrame, model: str) -> pd.Series:
+    """Runs of `model` at its STANDARD knobs (a knob a run's summary lacks, from before it existed, counts
+    as its default only for lambda_per_layer)."""
     m = df["model"] == model
-    if model == "remoe":
-        m &= (df["regularizer"] == STD["regularizer"]) & (df["lambda0"] == STD["lambda0"]) \
-            & (df["alpha"] == STD["alpha"]) & (df["lambda_per_layer"].fillna(False) == False)  # noqa: E712
-    if model == "topk":
-        m &= df["aux_loss_coef"] == STD["aux_loss_coef"]
-    if model == "dense":
-        m &= df["ffn_mult"] == 1
+    for col, value in STANDARD.get(model, {}).items():
+        have = df[col] if col in df else pd.Series(None, index=df.index, dtype=object)
+        if col == "lambda_per_layer":
+            have = have.fillna(False)
+        m &= have == value
+    return m
+
+
+def standard_moe(df: pd.DataFrame) -> pd.Series:
+    """Every MoE method's runs at its standard knobs."""
+    m = pd.Series(False, index=df.index)
+    for model in df["model"].dropna().unique():
+        if model != "dense":
+            m |= _standard(df, model)
     return m
 
 
@@ -112,15 +129,21 @@ def _ours(df: pd.DataFrame) -> str:
 
 
 def routing_methods(df: pd.DataFrame) -> pd.DataFrame | None:
-    sel = df[(_standard(df, "dense")) | ((_standard(df, "topk") | _standard(df, "remoe")) &
+    """Every routing method at E=8, k=1, G=1 (standard knobs) and dense, then the paper's Table 2 rows
+    (methods this code does not have are marked so)."""
+    from ..model import METHODS
+
+    sel = df[(_standard(df, "dense")) | (standard_moe(df) &
              (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1))]
     if sel.empty:
         return None
     sel, cols = with_downstream(sel)
     out = aggregate(sel, ["size", "model"], {**{c: 2 for c in cols}, "val_loss": 4}, _ours(sel))
-    ref = [{"source": paper.SETTING, "size": "182m", "model": m, "n": 1,
-            **{TASK_LABEL[t]: f"{v:.2f}" for t, v in zip(paper.TASKS, vals)}, "Avg.": f"{sum(vals) / 7:.2f}",
-            "val_loss": f"{paper.VAL_N[m]['182m']:.3f}"} for m, vals in paper.ROUTING.items()]
+    ref = [{"source": paper.SETTING, "size": "182m", "model": m if m in METHODS else f"{m} (not implemented)",
+            "n": 1, **{TASK_LABEL[t]: f"{v:.2f}" for t, v in zip(paper.TASKS, vals)},
+            "Avg.": f"{sum(vals) / 7:.2f}",
+            "val_loss": f"{paper.VAL_N[m]['182m']:.3f}" if m in paper.VAL_N else "–"}
+           for m, vals in paper.ROUTING.items()]
     return _with_paper(out, ref)
 
 
