@@ -1,5 +1,7 @@
 """Evaluate a checkpoint with lm-eval: `python src/evaluate.py checkpoint=PATH eval=local|paper`.
 
+PATH: a training checkpoint, or a folder written by src/export.py.
+
 Results land in the checkpoint's run directory (summary.json `downstream`, lm_eval_results.json);
 `eval=local` rebuilds the offline tasks from that run's own held-out split.
 """
@@ -26,8 +28,8 @@ log = logging.getLogger("remoe")
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        if not os.path.isfile(cfg.checkpoint):
-            raise ValueError(f"checkpoint: no such file {cfg.checkpoint!r}")
+        if not (os.path.isfile(cfg.checkpoint) or os.path.isfile(os.path.join(cfg.checkpoint, "config.json"))):
+            raise ValueError(f"checkpoint: no checkpoint file or exported folder (config.json) at {cfg.checkpoint!r}")
         check_tasks(cfg.eval.suite, cfg.eval.tasks)
     except (HubUnavailable, ValueError) as e:
         log.error("%s", e)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from remoe.model import (METHODS, LambdaController, ModelConfig, RoutingStats, Transformer, build_method,
                          preset)
 from remoe.model import experts as experts_mod
-from remoe.model.config import CONF_SIZE_DIR, preset_arch
+from remoe.model.presets import CONF_SIZE_DIR, preset_arch
 from remoe.model.moe import MoELayer
 from remoe.model.regularizers import l1_loss, lb_l1_loss, switch_aux_loss
 

@@ -81,6 +81,19 @@ def test_report_covers_every_routing_method(tiny_sweep, train, tmp_path):
         assert f"  - {m} load balancing: inactive cells" in claim, m
 
 
+def test_small_scale_study_from_stored_runs(tiny_sweep, tmp_path):
+    """The small-scale ReMoE study's page: one row per arm, each compared with paper-exact ReMoE under the
+    report's rules, and its figures (the committed reports/remoe_small_scale.md is built this way)."""
+    from remoe.report.small_scale import build
+
+    path = build([str(tiny_sweep)], str(tmp_path), notes="Findings here.")
+    text = Path(path).read_text()
+    assert text.count("| remoe ") == 1 and "| topk " in text and "| dense " in text and "Findings here." in text
+    assert "- topk reaches a lower validation loss than remoe: **" in text and "(n=" not in text.split("## Arms")[0]
+    for fig in ("fig_ss_val_curves.png", "fig_ss_layers_lambda.png"):
+        assert (tmp_path / "remoe_small_scale" / "figures" / fig).exists() and fig in text
+
+
 def test_report_is_deterministic(tiny_sweep, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     build_report([str(tiny_sweep)], str(a))

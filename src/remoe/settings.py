@@ -18,7 +18,8 @@ from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .model import ModelConfig, RoutingMethod, build_method
-from .model.config import CONF_DIR, ConfigFieldError
+from .model.config import ConfigFieldError
+from .model.presets import CONF_DIR
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 GROUPS = ("model", "size", "data", "trainer", "logger", "eval", "hydra")

@@ -25,14 +25,41 @@ DTYPES = {"float32": None, "32-true": None, "bfloat16": torch.bfloat16, "bf16-mi
 
 def load_checkpoint(path: str, map_location: str = "cpu") -> tuple[Transformer, Tokenizer, dict]:
     """(model, tokenizer, checkpoint hyperparameters) from a Lightning checkpoint written by training."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
-    if "model" not in hp or "tokenizer" not in ckpt:
-        raise ValueError(f"{path}: not a remoe checkpoint (no model config or tokenizer inside)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint: no such file {path!r}") from None
+    except IsADirectoryError:
+        raise ValueError(f"checkpoint: {path!r} is a folder, not a checkpoint file") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors ...
+        raise ValueError(f"checkpoint: cannot read {path!r} (truncated or not a torch checkpoint: "
+                         f"{type(e).__name__})") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "model" not in hp or "tokenizer" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
+                         "tokenizer inside)")
     model = Transformer(ModelConfig.from_dict(hp["model"]))  # reads old checkpoints' model dicts too
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), hp
+
+
+@torch.no_grad()
+def greedy_decode(score, ids: list[int], max_new: int, max_length: int, eos: int | None = None,
+                  stop=lambda new: False) -> list[int]:
+    """This project's greedy decoding: up to max_new argmax tokens after `ids` (each step scores the last
+    max_length tokens with score(ids (1, S)) -> (1, S, V) logits or log-probs), ending before `eos` or
+    after the token for which stop(new tokens) is true."""
+    new: list[int] = []
+    for _ in range(max_new):
+        window = (ids + new)[-max_length:]
+        nxt = int(score(torch.tensor([window]))[0, -1].argmax())
+        if nxt == eos:
+            break
+        new.append(nxt)
+        if stop(new):
+            break
+    return new
 
 
 @register_model("remoe")
@@ -134,17 +161,9 @@ class RemoeLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 64))
             ids = self.tok_encode(context)[-(self.max_length - 1) :]
-            new: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = (ids + new)[-self.max_length :]
-                nxt = int(self._logprobs(torch.tensor([window]))[0, -1].argmax())
-                if nxt == self.eot_token_id:
-                    break
-                new.append(nxt)
-                text = self.tok_decode(new)
-                if any(s in text for s in until):
-                    break
+            new = greedy_decode(self._logprobs, ids, max_new, self.max_length, eos=self.eot_token_id,
+                                stop=lambda new: any(s in self.tok_decode(new) for s in until))
+            text = self.tok_decode(new)
             for s in until:
                 text = text.split(s)[0]
             results.append(text)

@@ -124,13 +124,19 @@ def evaluate_checkpoint(cfg) -> dict:
     from .adapter import load_checkpoint
 
     ckpt = os.path.abspath(cfg.checkpoint)
-    run_dir = cfg.out or os.path.dirname(os.path.dirname(ckpt))
-    model, tokenizer, _ = load_checkpoint(ckpt)
+    if os.path.isdir(ckpt):  # a folder written by src/export.py; results go into it unless out= says
+        from ..export import TRAINING_CONFIG, load_hf
+
+        model, tokenizer, _ = load_hf(ckpt)
+        run_dir, resolved = cfg.out or ckpt, os.path.join(ckpt, TRAINING_CONFIG)
+    else:
+        run_dir = cfg.out or os.path.dirname(os.path.dirname(ckpt))
+        model, tokenizer, _ = load_checkpoint(ckpt)
+        resolved = os.path.join(run_dir, "config_resolved.yaml")
     dm = None
     if cfg.eval.suite == "local":
-        resolved = os.path.join(run_dir, "config_resolved.yaml")
         if not os.path.exists(resolved):
-            raise FileNotFoundError(f"eval=local needs the run's config_resolved.yaml (looked in {run_dir})")
+            raise FileNotFoundError(f"eval=local needs the run's resolved config (looked for {resolved})")
         dm = instantiate(OmegaConf.load(resolved).data)
     results, _ = evaluate_model(model, tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed,
                                 device=cfg.device, dtype=cfg.dtype)

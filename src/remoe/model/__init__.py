@@ -1,4 +1,5 @@
-from .config import ModelConfig, preset
+from .config import ModelConfig
+from .presets import preset
 from .regularizers import LambdaController
 from .routing import METHODS, RoutingMethod, build_method
 from .stats import RoutingStats, layer_sparsity

@@ -4,13 +4,14 @@ Architecture only. How a routing method is trained (aux-loss coefficient, ReMoE'
 warm-up) belongs to the method object (routing.py); the schedule and optimiser to the training config.
 Backbone (the paper's, Sec. 4 / Table 1): LLaMA with RoPE base 1e6, grouped-query attention, SwiGLU FFN
 with ffn_hidden = 4 x d_model, untied embeddings, no biases. The presets' numbers live in
-conf/size/<name>.yaml (`arch:`), the one place they are written; `preset()` reads them from there.
+conf/size/<name>.yaml (`arch:`), the one place they are written; `presets.preset()` reads them from there.
+This module and the model modules it imports need only torch and numpy: export.py copies them beside a
+Hugging Face model (modeling_remoe.py), so an exported model runs this very code.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 
 class ConfigFieldError(ValueError):
@@ -178,23 +179,3 @@ def split_legacy(d: dict) -> tuple[dict, dict]:
         d["routing"] = LEGACY_ROUTER[d.pop("router")]
     knobs = {k: d.pop(k) for k in LEGACY_KNOBS if k in d}
     return d, knobs
-
-
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the Hydra config of this source checkout
-CONF_SIZE_DIR = CONF_DIR / "size"
-
-
-def preset_arch(name: str) -> dict:
-    """The architecture numbers of a size preset, read from conf/size/<name>.yaml (`arch:`)."""
-    from omegaconf import OmegaConf
-
-    path = CONF_SIZE_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONF_SIZE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
-        raise ValueError(f"size: unknown preset {name!r}; choose one of {known}")
-    return OmegaConf.to_container(OmegaConf.load(path).arch, resolve=True)
-
-
-def preset(name: str, routing: str = "dense", **overrides) -> ModelConfig:
-    """`preset("182m", "remoe", experts=8)` -> ModelConfig (the vocabulary comes from the tokenizer)."""
-    return ModelConfig(**{**preset_arch(name), "routing": routing, **overrides})

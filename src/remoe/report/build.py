@@ -189,7 +189,10 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
     for p in made_figs:
         rel = os.path.relpath(p, out_dir)
         lines += [f"![{os.path.basename(p)}]({rel})", ""]
-    lines += ["## Runs", "", "| run | model | size | E | k | G | seed | steps | val loss | commit |",
+    lines += ["## Runs", "", "Each run's model, for Hugging Face transformers (README: Share a model; checkpoints are "
+              "not part of the committed records): `python src/export.py checkpoint=<run>/checkpoints/last.ckpt "
+              "out=<folder>`.", "",
+              "| run | model | size | E | k | G | seed | steps | val loss | commit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():
         num = lambda v: "–" if v is None or v != v else f"{v:.0f}"  # noqa: E731

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 12's runs: tiny preset, 2,000 steps (8.2M tokens), LR warm-up 120 steps, seeds paired (the same
+# seed gives every arm the same batches). Resumable: rerunning skips completed runs and resumes cut ones.
+# Usage: REMOE_OUTPUT=/somewhere [ARMS_ORDER="remoe topk ..."] bash reports/remoe_small_scale/run.sh [seeds...]
+set -u
+cd "$(dirname "$0")/../.."
+ROOT=${REMOE_OUTPUT:-outputs}/remoe_small_scale
+SEEDS=${*:-1 2 3}
+declare -A ARMS=(
+  [remoe]="model=remoe"
+  [topk]="model=topk"
+  [dense]="model=dense"
+  [remoe_per_layer]="model=remoe model.lambda_per_layer=true"
+  [hash]="model=hash"
+  [ec]="model=ec"
+  [auxfree]="model=auxfree"
+)
+ORDER=${ARMS_ORDER:-"remoe topk dense remoe_per_layer"}
+for seed in $SEEDS; do
+  for arm in $ORDER; do
+    dir="$ROOT/${arm}_s${seed}"
+    python src/train.py ${ARMS[$arm]} seed=$seed name=remoe_small_scale trainer.max_steps=2000 size.warmup=120 \
+      eval=none logger=csv routing_log_interval=10 trainer.enable_progress_bar=false skip_completed=true \
+      resume=true "hydra.run.dir=$dir" > "$ROOT.${arm}_s${seed}.log" 2>&1 || echo "FAILED $arm seed $seed"
+    tail -1 "$ROOT.${arm}_s${seed}.log"
+  done
+done

@@ -1,0 +1,375 @@
+"""Hugging Face export: a training checkpoint -> a folder that `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` and `AutoTokenizer.from_pretrained(DIR)` load (`python src/export.py
+checkpoint=PATH out=DIR`), and back (`load_hf`).
+
+- dense -> transformers' own LlamaForCausalLM (the backbone is LLaMA exactly: RMSNorm, rotate-half RoPE,
+  GQA, SwiGLU, untied, no biases; W1|W3, stored fused here, split into gate_proj/up_proj);
+- every routing method -> RemoeForCausalLM (model/modeling_remoe.py), saved by transformers'
+  custom-code mechanism with remoe's own model modules beside it (one source of the model math).
+The folder also holds the run's tokenizer as a fast tokenizer, generation_config.json, a model card
+README.md from the run's summary.json, and the run's resolved training config. Everything is written to
+a temporary folder beside `out` and renamed at the end, after the exported model is loaded back and its
+logits compared with the checkpoint's (max abs diff <= VERIFY_ATOL): a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .model import ModelConfig, Transformer
+
+log = logging.getLogger("remoe")
+VERIFY_ATOL = 1e-5
+TRAINING_CONFIG = "training_config.yaml"  # the run's config_resolved.yaml (eval=local rebuilds from it)
+TRAINING_SUMMARY = "training_summary.json"  # the run's summary.json
+
+
+class ExportError(ValueError):
+    """Bad input to the export: a one-line message naming the key; nothing written."""
+
+
+# ---- dense <-> LLaMA ----------------------------------------------------------------------------------
+def llama_config(cfg: ModelConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn * cfg.ffn_mult,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_base,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=cfg.init_std,
+        remoe=cfg.to_dict(),
+    )  # kept in config.json: load_hf rebuilds the exact config
+
+
+LLAMA_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+LLAMA_BLOCK = {
+    "attn.wq": "self_attn.q_proj",
+    "attn.wk": "self_attn.k_proj",
+    "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn.w2": "mlp.down_proj",
+}
+
+
+def to_llama(state: dict, cfg: ModelConfig) -> dict:
+    """remoe dense state dict -> LlamaForCausalLM's (the fused w13 split into gate_proj | up_proj)."""
+    out = {}
+    for key, value in state.items():
+        name, _, leaf = key.rpartition(".")
+        if name.startswith("blocks."):
+            _, i, sub = name.split(".", 2)
+            prefix = f"model.layers.{i}."
+            if sub == "ffn.w13":
+                gate, up = value.split(cfg.ffn * cfg.ffn_mult, dim=0)
+                out[prefix + "mlp.gate_proj." + leaf], out[prefix + "mlp.up_proj." + leaf] = gate, up
+            else:
+                out[prefix + LLAMA_BLOCK[sub] + "." + leaf] = value
+        else:
+            out[LLAMA_NAMES[name] + "." + leaf] = value
+    return out
+
+
+def from_llama(state: dict, cfg: ModelConfig) -> dict:
+    """The inverse of to_llama."""
+    back = {v: k for k, v in LLAMA_NAMES.items()}
+    block = {v: k for k, v in LLAMA_BLOCK.items()}
+    out = {}
+    for key, value in state.items():
+        name, _, leaf = key.rpartition(".")
+        if name.startswith("model.layers."):
+            _, _, i, sub = name.split(".", 3)
+            if sub == "mlp.up_proj":
+                continue
+            if sub == "mlp.gate_proj":
+                up = state[f"model.layers.{i}.mlp.up_proj.{leaf}"]
+                out[f"blocks.{i}.ffn.w13.{leaf}"] = torch.cat([value, up], dim=0)
+            else:
+                out[f"blocks.{i}.{block[sub]}.{leaf}"] = value
+        else:
+            out[back[name] + "." + leaf] = value
+    return out
+
+
+# ---- export -------------------------------------------------------------------------------------------
+def hf_model(model: Transformer):
+    """The transformers model holding these weights: LlamaForCausalLM for dense, RemoeForCausalLM else."""
+    cfg = model.cfg
+    if not cfg.is_moe:
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM(llama_config(cfg))
+        hf.load_state_dict(to_llama(model.state_dict(), cfg), strict=True)
+        return hf
+    from .model.configuration_remoe import RemoeConfig
+    from .model.modeling_remoe import RemoeForCausalLM
+
+    RemoeConfig.register_for_auto_class()
+    RemoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    hf = RemoeForCausalLM(RemoeConfig(remoe=cfg.to_dict()))
+    hf.model.load_state_dict(model.state_dict(), strict=True)
+    return hf
+
+
+def hf_tokenizer(tokenizer, cfg: ModelConfig):
+    """The run's tokenizer (its own BPE, or GPT-2's for hub data: training stores whichever it used) as a
+    transformers fast tokenizer; end of text is its EOS and padding token."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from .data.tokenizer import EOS
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),
+        eos_token=EOS,
+        pad_token=EOS,
+        model_max_length=cfg.max_seq_len,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def model_card(cfg: ModelConfig, summary: dict, repo: str | None) -> str:
+    counts = cfg.param_counts()
+    name = {"dense": f"Dense×{cfg.ffn_mult}" if cfg.ffn_mult > 1 else "Dense"}.get(cfg.routing, cfg.routing)
+    tags = "tags: [mixture-of-experts, remoe]" if cfg.is_moe else "tags: [remoe]"
+    lines = [
+        "---",
+        "library_name: transformers",
+        tags,
+        "---",
+        "",
+        f"# {repo or name} ({cfg.routing})",
+        "",
+        "Trained with remoe (a ReMoE replication pipeline); exported by its `src/export.py`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| routing | {cfg.routing} |",
+    ]
+    if cfg.is_moe:
+        lines += [
+            f"| experts E, top-k / target k, granularity G | {cfg.experts}, {cfg.topk}, "
+            f"{cfg.granularity} ({cfg.n_experts} experts of {cfg.expert_ffn} units, {cfg.n_active} "
+            "active) |"
+        ]
+    lines += [
+        f"| layers, d_model, heads (kv) | {cfg.n_layer}, {cfg.d_model}, {cfg.n_head} ({cfg.n_kv_head}) |",
+        f"| parameters: total, active | {counts['total']:,}, {counts['active']:,} |",
+    ]
+    for key, label in (
+        ("train_tokens", "training tokens"),
+        ("steps", "steps"),
+        ("val_loss", "validation loss"),
+        ("sparsity", "sparsity (last 10% of steps)"),
+        ("seed", "seed"),
+        ("git_commit", "code"),
+    ):
+        if summary.get(key) is not None:
+            v = summary[key]
+            lines.append(
+                f"| {label} | {v:,} |"
+                if isinstance(v, int)
+                else f"| {label} | {v:.4f} |"
+                if isinstance(v, float)
+                else f"| {label} | {v} |"
+            )
+    for task, metrics in sorted((summary.get("downstream") or {}).items()):
+        if "acc" in metrics:
+            lines.append(f"| {task} acc | {metrics['acc']:.4f} |")
+    trust = ", trust_remote_code=True" if cfg.is_moe else ""
+    lines += [
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained(PATH{trust})",
+        f"tok = AutoTokenizer.from_pretrained(PATH{trust})",
+        "```",
+    ]
+    if cfg.is_moe:
+        lines += [
+            "",
+            "`model(ids, output_router_logits=True).router_logits`: each MoE layer's gates (tokens, "
+            "E·G); zeros are experts a token was not routed to. No KV cache: generation recomputes the "
+            "prefix.",
+        ]
+    if cfg.routing == "ec":
+        lines += [
+            "",
+            "Expert Choice routing is not causal across the batch: a token's experts depend on the "
+            "other tokens of its forward.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _max_abs_diff(model: Transformer, hf, vocab: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, min(32, model.cfg.max_seq_len)), generator=g)
+    with torch.no_grad():
+        return (model(ids).logits.float() - hf(ids).logits.float()).abs().max().item()
+
+
+def export(
+    checkpoint: str, out: str, overwrite: bool = False, max_shard_size: str | int = "5GB", verify: bool = True
+) -> str:
+    """Write the Hugging Face folder `out` for a training checkpoint; returns its path."""
+    from .eval.adapter import load_checkpoint
+
+    try:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+    except ImportError:
+        raise ExportError("export needs transformers: pip install -e '.[hf]'") from None
+    out = os.path.abspath(out)
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
+        raise ExportError(f"out: {out} exists and is not empty; choose another folder or set overwrite=true")
+    try:
+        model, tokenizer, _ = load_checkpoint(checkpoint)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    cfg = model.cfg
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + "_partial_", dir=parent)
+    try:
+        hf = hf_model(model)
+        tok = hf_tokenizer(tokenizer, cfg)
+        hf.generation_config = GenerationConfig(
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=not cfg.is_moe
+        )
+        hf.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(cfg, summary, None))
+        for src, dst in (("config_resolved.yaml", TRAINING_CONFIG), ("summary.json", TRAINING_SUMMARY)):
+            if os.path.isfile(os.path.join(run_dir, src)):
+                shutil.copyfile(os.path.join(run_dir, src), os.path.join(tmp, dst))
+        if verify:
+            back = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=cfg.is_moe).eval()
+            diff = _max_abs_diff(model.eval(), back, cfg.vocab_size)
+            if not diff <= VERIFY_ATOL:
+                raise RuntimeError(
+                    f"export: the exported model's logits differ from the checkpoint's by {diff:.3g} "
+                    f"(> {VERIFY_ATOL}); nothing written"
+                )
+            log.info("export: exported logits match the checkpoint's (max abs diff %.3g)", diff)
+        if os.path.isdir(out):  # overwrite=true: the old folder goes only once the new one is complete
+            old = tempfile.mkdtemp(prefix=os.path.basename(out) + "_old_", dir=parent)
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def push_to_hub(folder: str, repo: str) -> str:
+    """Upload an exported folder with huggingface_hub (needs a token: `hf auth login` or HF_TOKEN)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HfHubHTTPError
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ExportError(
+            f"push_to_hub: the hub is offline here (HF_HUB_OFFLINE=1); {folder} is written — upload "
+            f"it later with: hf upload {repo} {folder}"
+        )
+    api = HfApi()
+    try:
+        api.create_repo(repo, exist_ok=True)
+        return api.upload_folder(repo_id=repo, folder_path=folder).commit_url
+    except (HfHubHTTPError, OSError) as e:
+        raise ExportError(
+            f"push_to_hub: could not upload to {repo} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            f"{folder} is written — upload it later with: hf upload {repo} {folder}"
+        ) from None
+
+
+# ---- import -------------------------------------------------------------------------------------------
+def load_hf(folder: str) -> tuple[Transformer, object, dict]:
+    """(model, tokenizer, config.json) from an exported folder, with the exported weights bit for bit;
+    needs neither transformers nor the folder's code (safetensors and remoe only)."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint: {folder!r} has no config.json (not an exported model)")
+    config = json.load(open(path))
+    if "remoe" not in config:
+        raise ValueError(f"checkpoint: {folder!r} was not exported by remoe (config.json has no 'remoe')")
+    cfg = ModelConfig.from_dict(config["remoe"])
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = (
+        sorted(set(json.load(open(index))["weight_map"].values()))
+        if os.path.isfile(index)
+        else ["model.safetensors"]
+    )
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(folder, f)))
+    if config.get("model_type") == "llama":
+        state = from_llama(state, cfg)
+    else:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    model = Transformer(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), Tokenizer.from_file(os.path.join(folder, "tokenizer.json")), config
+
+
+# ---- entry point (src/export.py, console script remoe-export) -----------------------------------------
+def _main(cfg) -> None:
+    import sys
+
+    from .console import quiet_third_party
+
+    quiet_third_party()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        out = export(
+            cfg.checkpoint,
+            cfg.out,
+            overwrite=cfg.overwrite,
+            max_shard_size=cfg.max_shard_size,
+            verify=cfg.verify,
+        )
+        print(f"remoe: exported {cfg.checkpoint} -> {out}", flush=True)
+        if cfg.push_to_hub:
+            print(f"remoe: uploaded to {push_to_hub(out, cfg.push_to_hub)}", flush=True)
+    except ExportError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def main() -> None:
+    import hydra
+
+    from .model.presets import CONF_DIR
+
+    hydra.main(config_path=str(CONF_DIR), config_name="export", version_base="1.3")(_main)()

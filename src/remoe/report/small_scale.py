@@ -1,0 +1,195 @@
+"""The small-scale ReMoE study (why ReMoE trails TopK and Dense at CPU scale): its table and figures,
+from stored runs only. `python -m remoe.report.small_scale --runs DIR [--notes FILE] --out reports`
+writes reports/remoe_small_scale.md and its figures under reports/remoe_small_scale/figures/.
+
+An arm is a method setting (model, Dense width, ReMoE's per-layer lambda); every arm is compared with
+paper-exact ReMoE on validation loss under the report's rules (stats.compare: paired over shared seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import pandas as pd
+
+from .collect import collect, read_metrics
+from .figures import _save, plt
+from .stats import RULES, compare
+
+BASE = "remoe"  # the paper-exact arm every other arm is compared with
+TAIL_STEPS = 500  # the late-training window for lambda and the penalty's share of the loss
+
+
+def arm(r) -> str:
+    if r["model"] == "dense":
+        mult = int(r["ffn_mult"]) if r["ffn_mult"] == r["ffn_mult"] and r["ffn_mult"] else 1
+        return "dense" if mult == 1 else f"dense×{mult}"
+    if r["model"] == "remoe" and r.get("lambda_per_layer") is True:
+        return "remoe, per-layer λ"
+    return r["model"]
+
+
+def _tail(m: pd.DataFrame | None, col: str) -> pd.Series:
+    if m is None or col not in m:
+        return pd.Series(dtype=float)
+    s = m.dropna(subset=[col])
+    return s[s["step"] > s["step"].max() - TAIL_STEPS][col]
+
+
+def run_facts(run_dir: str) -> dict:
+    """Late-training facts of one run from its metrics.csv."""
+    m = read_metrics(run_dir)
+    lam, reg, lm = _tail(m, "train/lambda"), _tail(m, "train/weighted_reg_loss"), _tail(m, "train/lm_loss")
+    share = float((reg.to_numpy() / lm.to_numpy()).mean()) if len(reg) and len(reg) == len(lm) else np.nan
+    return {
+        "lambda_tail": float(lam.mean()) if len(lam) else np.nan,
+        "lambda_tail_min": float(lam.min()) if len(lam) else np.nan,
+        "lambda_tail_max": float(lam.max()) if len(lam) else np.nan,
+        "penalty_share": share,
+    }
+
+
+def _ms(v, digits=4) -> str:
+    v = pd.Series(v).dropna()
+    if not len(v):
+        return "–"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
+def table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    df = df.assign(arm=[arm(r) for _, r in df.iterrows()])
+    facts = pd.DataFrame([run_facts(d) for d in df["run_dir"]], index=df.index)
+    df = pd.concat([df, facts], axis=1)
+    base = df[df["arm"] == BASE].set_index("seed")["val_loss"]
+    rows, lines = [], []
+    for name, g in df.groupby("arm", sort=False):
+        layers = [
+            np.array(str(s).split(), dtype=float) for s in g.get("layer_sparsity", []) if str(s) != "nan"
+        ]
+        per_layer = " / ".join(f"{x:.3f}" for x in np.mean(layers, axis=0)) if layers else "–"
+        verdict = "" if name == BASE else str(compare(g.set_index("seed")["val_loss"], base))
+        collapsed = (
+            int((g["collapsed_layers"].fillna("").astype(str) != "").sum()) if "collapsed_layers" in g else 0
+        )
+        rows.append(
+            {
+                "arm": name,
+                "seeds": " ".join(str(int(s)) for s in sorted(g["seed"])),
+                "val loss": _ms(g["val_loss"]),
+                "layer sparsity (tail)": per_layer,
+                "runs with a collapsed layer": f"{collapsed}/{len(g)}",
+                f"λ (last {TAIL_STEPS} steps)": _ms(g["lambda_tail"], 3),
+                "λ·L_reg / L_lm": _ms(100 * g["penalty_share"], 2)
+                + (" %" if g["penalty_share"].notna().any() else ""),
+                f"lower than {BASE}?": verdict,
+            }
+        )
+        if verdict:
+            lines.append(f"- {name} reaches a lower validation loss than {BASE}: {verdict}.")
+    return pd.DataFrame(rows), lines
+
+
+def _mean_curve(runs: list[str], col: str) -> pd.Series | None:
+    curves = []
+    for d in runs:
+        m = read_metrics(d)
+        if m is not None and col in m:
+            curves.append(m.dropna(subset=[col]).groupby("step")[col].mean())
+    return pd.concat(curves, axis=1).mean(axis=1) if curves else None
+
+
+def figures(df: pd.DataFrame, fig_dir: str) -> list[str]:
+    os.makedirs(fig_dir, exist_ok=True)
+    df = df.assign(arm=[arm(r) for _, r in df.iterrows()])
+    out = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, g in df.groupby("arm", sort=False):
+        c = _mean_curve(list(g["run_dir"]), "val/loss")
+        if c is not None:
+            ax.plot(c.index, c.to_numpy(), marker=".", label=f"{name} (mean of {len(g)})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+    ax.legend()
+    out.append(_save(fig, fig_dir, "fig_ss_val_curves"))
+    remoe = df[df["model"] == "remoe"]
+    if len(remoe):
+        arms = list(dict.fromkeys(remoe["arm"]))
+        fig, axes = plt.subplots(2, len(arms), figsize=(5.5 * len(arms), 6), squeeze=False)
+        for j, name in enumerate(arms):
+            for _, r in remoe[remoe["arm"] == name].sort_values("seed").iterrows():
+                m = read_metrics(r["run_dir"])
+                if m is None:
+                    continue
+                layer_cols = sorted(c for c in m if c.startswith("sparsity/layer_"))
+                s = m.dropna(subset=layer_cols[:1])
+                for c in layer_cols:
+                    axes[0][j].plot(s["step"], s[c], lw=0.8, label=f"{c.split('_')[-1]} s{int(r['seed'])}")
+                lam_cols = [c for c in m if c.startswith("lambda/layer_")] or ["train/lambda"]
+                for c in lam_cols:
+                    t = m.dropna(subset=[c])
+                    axes[1][j].plot(t["step"], t[c], lw=0.8, label=f"{c.split('/')[-1]} s{int(r['seed'])}")
+            axes[0][j].set_title(f"{name}: per-layer sparsity")
+            axes[0][j].axhline(
+                1 - remoe["topk"].iloc[0] / remoe["experts"].iloc[0], color="k", ls=":", lw=0.8
+            )
+            axes[1][j].set_title(f"{name}: λ")
+            axes[1][j].set_yscale("log")
+            for ax in axes[:, j]:
+                ax.set_xscale("symlog", linthresh=100)
+                ax.set_xlim(left=0)
+                ax.set_xlabel("step")
+                ax.legend(fontsize=6, ncol=2)
+        out.append(_save(fig, fig_dir, "fig_ss_layers_lambda"))
+    return out
+
+
+def build(roots: list[str], out_dir: str, notes: str | None = None) -> str:
+    df = collect(roots).runs
+    if df.empty:
+        raise ValueError(f"no completed run under {roots}")
+    tab, lines = table(df)
+    fig_dir = os.path.join(out_dir, "remoe_small_scale", "figures")
+    figs = figures(df, fig_dir)
+    commits = sorted({str(c)[:12] for c in df.get("git_commit", [])})
+    steps = sorted({int(s) for s in df["steps"]})
+    text = [
+        "# Why ReMoE trails TopK and Dense at small scale",
+        "",
+        (notes.strip() + "\n") if notes else "",
+        f"Runs: {len(df)} (size {', '.join(sorted(df['size'].unique()))}, "
+        f"{', '.join(map(str, steps))} steps, commit(s) {', '.join(commits)}); generated by `python -m remoe.report.small_scale` from the "
+        "stored runs.",
+        "",
+        "## Arms",
+        "",
+        tab.to_markdown(index=False),
+        "",
+        *lines,
+        "",
+        RULES,
+        "",
+        "## Figures",
+        "",
+    ]
+    text += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})\n" for p in figs]
+    path = os.path.join(out_dir, "remoe_small_scale.md")
+    with open(path, "w") as f:
+        f.write("\n".join(text))
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--out", default="reports")
+    p.add_argument("--notes", default=None, help="a Markdown file with the findings, placed at the top")
+    a = p.parse_args()
+    notes = open(a.notes).read() if a.notes else None
+    print(build(a.runs, a.out, notes))
+
+
+if __name__ == "__main__":
+    main()
