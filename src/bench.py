@@ -2,6 +2,7 @@
 
   python src/bench.py model --size tiny --precision bf16           # Table 7 layout: train/infer TFLOPS, MFU
   python src/bench.py layer --E 8 64 128 --G 1 8 --precision fp32 bf16   # MoE layer vs dense (vs Mixtral)
+  python src/bench.py gpu                                          # the GPU suite (remoe/bench/gpu.py)
 """
 
 from remoe.cpu import malloc_settings, reexec_with_malloc_settings
@@ -50,8 +51,32 @@ def main() -> None:
     la.add_argument("--device", default="cpu")
     la.add_argument("--reps", type=int, default=10)
     la.add_argument("--out", default="bench_layer.json")
+    g = sub.add_parser("gpu", help="grouped-GEMM check + 182m throughput at E=8, 64 (G=1, 8) on one GPU")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--size", default="182m")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    g.add_argument("--batch", type=int, default=4)
+    g.add_argument("--seq", type=int, default=None)
+    g.add_argument("--reps", type=int, default=3)
+    g.add_argument("--configs", nargs="+", default=["8:1:1", "64:1:1", "64:1:8"], help="E:k:G to time")
+    g.add_argument("--checks", nargs="+", default=["8:1:1", "8:2:1", "64:1:8"], help="E:k:G to check")
+    g.add_argument("--out", default=None, help="default: reports/bench/gpu_<device name>.json")
     a = p.parse_args()
     env = environment()
+    if a.cmd == "gpu":
+        from remoe.bench.gpu import parse_config, run_suite, table
+
+        try:
+            configs, checks = [parse_config(c) for c in a.configs], [parse_config(c) for c in a.checks]
+            res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks)
+        except ValueError as e:
+            print(f"bench gpu: {e}", file=sys.stderr)
+            sys.exit(2)
+        out = a.out or f"reports/bench/gpu_{res['device_name'].replace(' ', '_')}.json"
+        write_json_atomic(out, {**res, "environment": env})
+        print(table(res))
+        print(f"-> {out}")
+        sys.exit(0 if all(c["ok"] for c in res["checks"]) else 1)
     if a.cmd == "model":
         res = bench_models(a.size, a.experts, a.topk, a.granularity, a.precision, a.device, a.batch, a.seq, a.reps)
         print(paper_table(res))

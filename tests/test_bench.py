@@ -149,3 +149,33 @@ def test_flop_count_covers_grouped_experts_forward_and_backward():
         y.sum().backward()
 
     assert count_flops(step) == 3 * fwd
+
+
+def test_gpu_suite_runs_its_cpu_path_and_refuses_bad_arguments(tmp_path):
+    """`bench.py gpu` is written for one CUDA GPU; the same code on CPU at tiny settings exercises the
+    grouped-GEMM check (the fast path really ran, the loop really did not), the throughput rows, the JSON
+    and the table. A bad E:k:G, or CUDA where there is none, is one line and exit code 2."""
+    out = tmp_path / "gpu.json"
+    args = [sys.executable, str(ROOT / "src" / "bench.py"), "gpu"]
+    p = subprocess.run([*args, "--device", "cpu", "--size", "tiny", "--batch", "2", "--seq", "32", "--reps", "1",
+                        "--configs", "4:1:2", "--checks", "4:1:1", "8:2:2", "--precision", "bf16", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(c["E"], c["k"], c["G"]) for c in res["checks"]] == [(4, 1, 1), (8, 2, 2)]
+    for c in res["checks"]:
+        assert c["ok"] and c["loop_grouped_mm_calls"] == 0 and set(c["rel_err"]) == {
+            "output", "grad x", "grad gates", "grad w13", "grad w2"}
+        assert c["grouped_mm_calls"] > 0 or not hasattr(torch, "_grouped_mm")
+    [tp] = res["throughput"]
+    assert tp["config"] == {"experts": 4, "topk": 1, "granularity": 2}
+    assert [r["model"] for r in tp["rows"]] == ["dense", "topk", "remoe"] and tp["peak_memory_gb"] is None
+    assert "cpu" in res["environment"] and set(res["wall_s"]) == {"checks", "E4k1G2"}
+    assert "| E | k | G | grouped_mm calls |" in p.stdout and "train TFLOPS" in p.stdout
+    for bad, why in ((["--configs", "4:x"], "is not E:k:G"), (["--device", "cuda"], "no CUDA device")):
+        if why == "no CUDA device" and torch.cuda.is_available():
+            continue
+        q = subprocess.run([*args, *bad, "--device", "cpu"] if why != "no CUDA device" else [*args, *bad],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert q.returncode == 2 and why in q.stderr and len(q.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("reports"))  # nothing written on bad input

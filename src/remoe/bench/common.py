@@ -74,8 +74,10 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(fc.get_total_flops())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Measured dense matmul rate (FLOP/s) on this device in this dtype: the MFU denominator."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """Measured dense matmul rate (FLOP/s) on this device in this dtype: the MFU denominator (n=8192 on a
+    GPU, where 2048 is too small to reach the peak; 2048 on CPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_fns({"mm": lambda: a @ b}, device, reps=reps, warmup=2)["mm"]
