@@ -98,3 +98,18 @@ def write_analysis(path: str, data: dict) -> None:
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, data)
+
+
+@torch.no_grad()
+def expert_similarity(model) -> dict:
+    """How alike each MoE layer's experts are: pairwise cosine similarity of the experts' flattened weights
+    (W1|W3 and W2 together), mean and max over distinct pairs, per layer. Experts that left a dense start
+    near-identical stay near 1; specialised experts drift apart."""
+    layers = []
+    for m in model.moe_layers():
+        w = torch.cat([m.experts.w13.flatten(1), m.experts.w2.flatten(1)], dim=1).double()
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cos = w @ w.t()
+        pairs = cos[torch.triu(torch.ones_like(cos, dtype=torch.bool), diagonal=1)]
+        layers.append({"mean": float(pairs.mean()), "max": float(pairs.max())})
+    return {"layers": layers}

@@ -22,7 +22,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import precision
+from . import plan, precision
 from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput
 from .console import closing_line
 from .cpu import malloc_settings
@@ -203,6 +203,11 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
     with open_dict(cfg):
         cfg.trainer.precision = choice["precision"]
     cpu = choice.pop("cpu")
+    the_plan = plan.plan_for(cfg, mcfg)  # before any data or model: what this run needs per GPU
+    if rank_zero_only.rank == 0:
+        write_json_atomic(os.path.join(run_dir, "plan.json"), the_plan)
+    if plan.on_gpus(cfg.trainer) and (why := plan.check_fits(the_plan, plan.strategy_of(cfg.trainer))):
+        raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
                          ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision),
                          precision_choice={"requested": requested, **choice}, cpu=cpu,

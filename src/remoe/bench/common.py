@@ -59,11 +59,27 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[-2] * a_shape[-1] * b_shape[-1]  # (E, N, K) x (K, M): columns grouped
 
 
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                              **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def _register_grouped_mm_flops() -> None:
-    """Teach FlopCounterMode torch._grouped_mm (the MoE expert GEMMs); without it MoE FLOPs are
-    undercounted ~3x. Registered here, when counting, not at import of the model."""
-    if hasattr(torch, "_grouped_mm") and torch.ops.aten._grouped_mm not in flop_counter.flop_registry:
-        flop_counter.register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+    """Teach FlopCounterMode what it does not count (torch 2.13): torch._grouped_mm (the MoE expert GEMMs;
+    without it MoE FLOPs are undercounted ~3x) and the CPU flash-attention kernel SDPA runs on CPU
+    (without it attention counts 0 on CPU), with torch's own SDPA formulas (full S^2: the causal half is
+    not discounted, as Megatron's and the paper's FLOP counts). Registered when counting, not at import."""
+    extra = [(getattr(torch.ops.aten, "_grouped_mm", None), _grouped_mm_flops),
+             (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), _cpu_flash_flops),
+             (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
+              _cpu_flash_backward_flops)]
+    for op, formula in extra:
+        if op is not None and op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
 
 
 def count_flops(fn: Callable[[], None]) -> int:

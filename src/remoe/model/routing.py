@@ -70,6 +70,7 @@ class RoutingMethod:
     loss_name: ClassVar[str | None] = None  # logged as train/<loss_name> and train/weighted_<loss_name>
     progress_bar: ClassVar[tuple[str, ...]] = ()  # logged keys to show in the progress bar
     arch_options: ClassVar[tuple[str, ...]] = ()  # the ModelConfig router options this method reads
+    dense_start: ClassVar[bool] = False  # routes most tokens to most experts in its first steps (memory plan)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -240,6 +241,7 @@ class ReMoE(RoutingMethod):
 
     name = "remoe"
     loss_name = "reg_loss"
+    dense_start = True  # Stage I: ReLU passes ~half the gates at init, more before lambda catches up
     progress_bar = ("train/sparsity",)
     REGULARIZERS = {"lb_l1": lb_l1_loss, "l1": lambda gates, k: l1_loss(gates)}
 

@@ -38,8 +38,39 @@ def _tail(m: pd.DataFrame | None, col: str) -> pd.Series:
     return s[s["step"] > s["step"].max() - TAIL_STEPS][col]
 
 
+SIMILARITY = "expert_similarity.json"
+
+
+def write_similarity(run_dir: str) -> bool:
+    """expert_similarity.json of a run from its final checkpoint (when the checkpoint is still there: the
+    committed records keep the JSON, not the checkpoint)."""
+    import json
+
+    from ..analysis import expert_similarity
+    from ..eval.adapter import load_checkpoint
+
+    ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    if not os.path.isfile(ckpt):
+        return False
+    model, _, _ = load_checkpoint(ckpt)
+    if not model.moe_layers():
+        return False
+    with open(os.path.join(run_dir, SIMILARITY), "w") as f:
+        json.dump(expert_similarity(model), f, indent=1)
+    return True
+
+
+def _similarity(run_dir: str) -> float:
+    import json
+
+    path = os.path.join(run_dir, SIMILARITY)
+    if not os.path.isfile(path):
+        return np.nan
+    return float(np.mean([x["mean"] for x in json.load(open(path))["layers"]]))
+
+
 def run_facts(run_dir: str) -> dict:
-    """Late-training facts of one run from its metrics.csv."""
+    """Late-training facts of one run from its metrics.csv (and expert_similarity.json)."""
     m = read_metrics(run_dir)
     lam, reg, lm = _tail(m, "train/lambda"), _tail(m, "train/weighted_reg_loss"), _tail(m, "train/lm_loss")
     share = float((reg.to_numpy() / lm.to_numpy()).mean()) if len(reg) and len(reg) == len(lm) else np.nan
@@ -48,6 +79,7 @@ def run_facts(run_dir: str) -> dict:
         "lambda_tail_min": float(lam.min()) if len(lam) else np.nan,
         "lambda_tail_max": float(lam.max()) if len(lam) else np.nan,
         "penalty_share": share,
+        "expert_cos": _similarity(run_dir),
     }
 
 
@@ -83,6 +115,7 @@ def table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                 f"λ (last {TAIL_STEPS} steps)": _ms(g["lambda_tail"], 3),
                 "λ·L_reg / L_lm": _ms(100 * g["penalty_share"], 2)
                 + (" %" if g["penalty_share"].notna().any() else ""),
+                "expert cosine (mean pair)": _ms(g["expert_cos"], 3),
                 f"lower than {BASE}?": verdict,
             }
         )
@@ -186,7 +219,14 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--out", default="reports")
     p.add_argument("--notes", default=None, help="a Markdown file with the findings, placed at the top")
+    p.add_argument("--similarity", action="store_true",
+                   help="first write expert_similarity.json into every run folder that still has its checkpoint")
     a = p.parse_args()
+    if a.similarity:
+        from .collect import run_dirs
+
+        for d in run_dirs(a.runs):
+            write_similarity(d)
     notes = open(a.notes).read() if a.notes else None
     print(build(a.runs, a.out, notes))
 
