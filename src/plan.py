@@ -38,7 +38,9 @@ def main() -> None:
     p = plan_for(cfg, mcfg)
     print(describe(p))
     why = check_fits(p, strategy_of(cfg.trainer))
-    print(f"chosen strategy {strategy_of(cfg.trainer)}: " + ("fits" if why is None else f"does not fit: {why}"))
+    print(
+        f"chosen strategy {strategy_of(cfg.trainer)}: " + ("fits" if why is None else f"does not fit: {why}")
+    )
     sys.exit(0 if why is None else 1)
 
 

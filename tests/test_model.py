@@ -530,3 +530,23 @@ def test_controller_decides_below_target_on_counts_not_a_rounded_mean():
     assert method.coefficient() == 0.5  # divided: at target
     counts[0, 3] = 1  # one pair more than target in one layer: denser, below target sparsity
     assert RoutingStats(1, counts, np.full(3, 4096)).below_target(cfg.n_active)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recomputed_expert_stage_gives_the_same_numbers(dtype):
+    """GroupedExperts.recompute_above (the Stage I memory ceiling) changes what is kept for backward, not
+    the outputs or any gradient."""
+    layer = make_layer("remoe", 8, 2, 2).to(dtype)
+    x = torch.randn(50, 16, dtype=dtype)
+
+    def run():
+        layer.zero_grad()
+        xx = x.clone().requires_grad_()
+        y, _ = layer(xx)
+        (y * torch.arange(16.0, dtype=dtype)).sum().backward()
+        return [y.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    plain = run()
+    layer.experts.recompute_above = 0.0
+    again = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, again))

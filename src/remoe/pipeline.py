@@ -235,6 +235,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         lit = LitLM(model=mcfg, routing=routing_knobs(cfg),
                     optim=OmegaConf.to_container(cfg.optim, resolve=True),
                     routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
+        for layer in lit.model.moe_layers():  # the Stage I memory ceiling (experts.GroupedExperts)
+            layer.experts.recompute_above = cfg.moe_recompute_above
         if rank_zero_only.rank == 0:
             dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
         loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]

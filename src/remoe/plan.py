@@ -52,53 +52,105 @@ def measure(cfg: ModelConfig, seq_len: int, precision: str) -> dict:
     dtype, _ = _precision(precision)
     dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU autocast: bf16 or none
 
-    def run(n_layer: int, k: int) -> tuple[int, int]:
+    def run(n_layer: int, k: int, recompute: bool = False) -> tuple[int, int]:
         E = max(2, k)
-        one = dataclasses.replace(cfg, n_layer=n_layer, routing="topk" if cfg.is_moe else "dense",
-                                  experts=E, topk=k, granularity=cfg.granularity if cfg.is_moe else 1,
-                                  ffn_hidden=cfg.expert_ffn * (cfg.granularity if cfg.is_moe else 1),
-                                  capacity_factor=1.0, score_func="sigmoid", norm_topk_prob=None)
+        one = dataclasses.replace(
+            cfg,
+            n_layer=n_layer,
+            routing="topk" if cfg.is_moe else "dense",
+            experts=E,
+            topk=k,
+            granularity=cfg.granularity if cfg.is_moe else 1,
+            ffn_hidden=cfg.expert_ffn * (cfg.granularity if cfg.is_moe else 1),
+            capacity_factor=1.0,
+            score_func="sigmoid",
+            norm_topk_prob=None,
+        )
         torch.manual_seed(0)
         model = Transformer(one)
+        for layer in model.moe_layers():
+            layer.experts.recompute_above = 0.0 if recompute else None
         ids = torch.randint(0, cfg.vocab_size, (1, seq_len + 1))
-        saved = []
-
-        def pack(t):
-            saved.append(t.untyped_storage().nbytes() if t.device.type != "meta" else 0)
-            return t
-
         with FlopCounterMode(display=False) as fc:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    out = model(ids[:, :-1])
-                    loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
-            loss.backward()
-        return sum(saved), int(fc.get_total_flops())
+            saved = saved_activation_bytes(model, ids, dtype)
+        return saved, int(fc.get_total_flops())
 
     T = seq_len
     with torch.random.fork_rng():  # the caller's RNG state is untouched
         a1, f1 = run(1, 1)
         a2, f2 = run(2, 1)
         a12, f12 = run(1, 2) if cfg.is_moe else (a1, f1)  # two experts per token: one more pair per token
+        # the same with the expert stage recomputed in backward (the Stage I ceiling): what a pair keeps
+        r11, r12 = (run(1, 1, True)[0], run(1, 2, True)[0]) if cfg.is_moe else (a1, a12)
     block_a, block_f = a2 - a1, f2 - f1  # one block with one expert per token (dense: the block)
     head_a, head_f = a1 - block_a, f1 - block_f
     pair_a, pair_f = (a12 - a1) / T, (f12 - f1) / T
-    return {"seq_len": T, "head_bytes_per_token": head_a / T, "block_bytes_per_token": block_a / T - pair_a,
-            "pair_bytes": pair_a, "head_flops_per_token": head_f / T,
-            "block_flops_per_token": block_f / T - pair_f, "pair_flops": pair_f}
+    return {
+        "seq_len": T,
+        "head_bytes_per_token": head_a / T,
+        "block_bytes_per_token": block_a / T - pair_a,
+        "pair_bytes_recomputed": (r12 - r11) / T,
+        "block_bytes_per_token_recomputed": (r11 - head_a) / T - (r12 - r11) / T,
+        "pair_bytes": pair_a,
+        "head_flops_per_token": head_f / T,
+        "block_flops_per_token": block_f / T - pair_f,
+        "pair_flops": pair_f,
+    }
 
 
-def activation_bytes(m: dict, L: int, tokens: int, pairs_per_token: float) -> float:
-    return tokens * (m["head_bytes_per_token"] + L * (m["block_bytes_per_token"] + pairs_per_token * m["pair_bytes"]))
+def saved_activation_bytes(model: Transformer, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes autograd keeps for backward in one training step of `model` on `ids` (then runs backward):
+    every distinct storage saved, the parameters' own excepted (they are held anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(ids[:, :-1])
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return sum(seen.values())
+
+
+def activation_bytes(m: dict, L: int, tokens: int, pairs_per_token: float, recompute: bool = False) -> float:
+    """Bytes kept for backward; recompute: the expert stage recomputed in backward (GroupedExperts
+    .recompute_above), which keeps a pair's routing only, plus one layer's full stage while it is
+    recomputed."""
+    if not recompute:
+        return tokens * (
+            m["head_bytes_per_token"] + L * (m["block_bytes_per_token"] + pairs_per_token * m["pair_bytes"])
+        )
+    kept = tokens * (
+        m["head_bytes_per_token"]
+        + L * (m["block_bytes_per_token_recomputed"] + pairs_per_token * m["pair_bytes_recomputed"])
+    )
+    return kept + tokens * pairs_per_token * m["pair_bytes"]
 
 
 def flops_per_token(m: dict, L: int, pairs_per_token: float) -> float:
     return m["head_flops_per_token"] + L * (m["block_flops_per_token"] + pairs_per_token * m["pair_flops"])
 
 
-def make_plan(cfg: ModelConfig, *, seq_len: int, micro_batch: int, global_batch: int, max_steps: int,
-              precision: str, cluster: dict, stage1: bool) -> dict:
-    """The plan as a dict (plan.json); `stage1`: the routing method has a dense start (ReMoE)."""
+def make_plan(
+    cfg: ModelConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    global_batch: int,
+    max_steps: int,
+    precision: str,
+    cluster: dict,
+    stage1: bool,
+    recompute_above: float | None = None,
+) -> dict:
+    """The plan as a dict (plan.json); `stage1`: the routing method has a dense start (ReMoE);
+    recompute_above: the run's moe_recompute_above (experts per token)."""
     counts = cfg.param_counts()
     _, wbytes = _precision(precision)
     state_per_param = 4 * wbytes  # weights, grads, two AdamW moments
@@ -109,15 +161,21 @@ def make_plan(cfg: ModelConfig, *, seq_len: int, micro_batch: int, global_batch:
     tokens_mb = micro_batch * seq_len
     k = cfg.n_active if cfg.is_moe else 0
     steady_act = activation_bytes(m, cfg.n_layer, tokens_mb, k)
-    stage1_act = activation_bytes(m, cfg.n_layer, tokens_mb, cfg.n_experts) if stage1 else None
+    stage1_act = None
+    if stage1:
+        recompute = recompute_above is not None and cfg.n_experts > recompute_above
+        stage1_act = activation_bytes(m, cfg.n_layer, tokens_mb, cfg.n_experts, recompute)
     peak_act = max(steady_act, stage1_act or 0)
     state = counts["total"] * state_per_param
     shards = {"ddp": 1, "fsdp": world, "fsdp_hybrid": gpus}
     strategies = {}
     for s in STRATEGIES:
         per_gpu = state / shards[s] + peak_act
-        strategies[s] = {"state_gb": state / shards[s] / 2**30, "peak_gb": per_gpu / 2**30,
-                         "fits": per_gpu <= HEADROOM * mem}
+        strategies[s] = {
+            "state_gb": state / shards[s] / 2**30,
+            "peak_gb": per_gpu / 2**30,
+            "fits": per_gpu <= HEADROOM * mem,
+        }
     fpt = flops_per_token(m, cfg.n_layer, k)
     total_tokens = max_steps * global_batch * seq_len
     rate = world * float(cluster["peak_tflops"]) * 1e12 * float(cluster["mfu"])
@@ -126,29 +184,50 @@ def make_plan(cfg: ModelConfig, *, seq_len: int, micro_batch: int, global_batch:
     if stage1:
         s1_tokens = min(STAGE1_STEPS, max_steps) * global_batch * seq_len
         s1_fpt = flops_per_token(m, cfg.n_layer, cfg.n_experts / 2)
-        s1 = {"steps": min(STAGE1_STEPS, max_steps), "flops_per_token": s1_fpt,
-              "hours": s1_tokens * s1_fpt / rate / 3600, "activation_gb": stage1_act / 2**30}
+        s1 = {
+            "steps": min(STAGE1_STEPS, max_steps),
+            "flops_per_token": s1_fpt,
+            "hours": s1_tokens * s1_fpt / rate / 3600,
+            "activation_gb": stage1_act / 2**30,
+        }
         seconds += s1_tokens * (s1_fpt - fpt) / rate
-    return {"params_total": counts["total"], "params_active": counts["active"], "precision": precision,
-            "state_bytes_per_param": state_per_param, "micro_batch": micro_batch, "seq_len": seq_len,
-            "activation_gb_steady": steady_act / 2**30, "stage1": s1, "flops_per_token": fpt,
-            "tokens": total_tokens, "hours": seconds / 3600, "cluster": dict(cluster), "world": world,
-            "headroom": HEADROOM, "strategies": strategies, "measured": m}
+    return {
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "precision": precision,
+        "state_bytes_per_param": state_per_param,
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "activation_gb_steady": steady_act / 2**30,
+        "stage1": s1,
+        "flops_per_token": fpt,
+        "moe_recompute_above": recompute_above,
+        "tokens": total_tokens,
+        "hours": seconds / 3600,
+        "cluster": dict(cluster),
+        "world": world,
+        "headroom": HEADROOM,
+        "strategies": strategies,
+        "measured": m,
+    }
 
 
 def describe(p: dict) -> str:
     c = p["cluster"]
-    lines = [f"plan: {p['params_total'] / 1e9:.3f}B parameters ({p['params_active'] / 1e6:.1f}M active), "
-             f"{p['precision']}: {p['state_bytes_per_param']} bytes/parameter of training state",
-             f"cluster: {c['nodes']} node(s) x {c['gpus_per_node']} GPUs x {c['gpu_memory_gb']} GB, "
-             f"{c['peak_tflops']} TFLOPS at MFU {c['mfu']}",
-             f"activations per micro-batch ({p['micro_batch']} x {p['seq_len']}): "
-             f"{p['activation_gb_steady']:.2f} GB steady"
-             + (f", {p['stage1']['activation_gb']:.2f} GB in Stage I (all experts)" if p["stage1"] else ""),
-             f"training FLOPs/token (fwd+bwd, counted): {p['flops_per_token'] / 1e9:.3f} GFLOP; "
-             f"{p['tokens'] / 1e9:.2f}B tokens -> {p['hours']:.1f} h"
-             + (f" (Stage I: {p['stage1']['steps']} steps, {p['stage1']['hours']:.2f} h)" if p["stage1"] else ""),
-             "| strategy | state/GPU (GB) | peak/GPU (GB) | fits |", "|---|---|---|---|"]
+    lines = [
+        f"plan: {p['params_total'] / 1e9:.3f}B parameters ({p['params_active'] / 1e6:.1f}M active), "
+        f"{p['precision']}: {p['state_bytes_per_param']} bytes/parameter of training state",
+        f"cluster: {c['nodes']} node(s) x {c['gpus_per_node']} GPUs x {c['gpu_memory_gb']} GB, "
+        f"{c['peak_tflops']} TFLOPS at MFU {c['mfu']}",
+        f"activations per micro-batch ({p['micro_batch']} x {p['seq_len']}): "
+        f"{p['activation_gb_steady']:.2f} GB steady"
+        + (f", {p['stage1']['activation_gb']:.2f} GB in Stage I (all experts)" if p["stage1"] else ""),
+        f"training FLOPs/token (fwd+bwd, counted): {p['flops_per_token'] / 1e9:.3f} GFLOP; "
+        f"{p['tokens'] / 1e9:.2f}B tokens -> {p['hours']:.1f} h"
+        + (f" (Stage I: {p['stage1']['steps']} steps, {p['stage1']['hours']:.2f} h)" if p["stage1"] else ""),
+        "| strategy | state/GPU (GB) | peak/GPU (GB) | fits |",
+        "|---|---|---|---|",
+    ]
     for s, v in p["strategies"].items():
         lines.append(f"| {s} | {v['state_gb']:.1f} | {v['peak_gb']:.1f} | {'yes' if v['fits'] else 'no'} |")
     return "\n".join(lines)
@@ -169,11 +248,18 @@ def check_fits(p: dict, strategy: str) -> str | None:
     ok = [s for s, v in p["strategies"].items() if v["fits"]]
     need = p["strategies"][strategy]["peak_gb"]
     have = p["cluster"]["gpu_memory_gb"] * HEADROOM
-    hint = f"use {ok[0]} (trainer=fsdp)" if ok else "no strategy fits: more GPUs, a smaller micro-batch or model"
-    return (f"the plan needs {need:.1f} GB per GPU under {strategy}, over {have:.1f} GB ({HEADROOM:.0%} of "
-            f"{p['cluster']['gpu_memory_gb']} GB): {hint}")
-
-
+    hint = (
+        f"use {ok[0]} (trainer=fsdp)"
+        if ok
+        else (
+            "no strategy fits: more GPUs, a smaller micro-batch or "
+            "model, or moe_recompute_above=<k*G> (Stage I ceiling)"
+        )
+    )
+    return (
+        f"the plan needs {need:.1f} GB per GPU under {strategy}, over {have:.1f} GB ({HEADROOM:.0%} of "
+        f"{p['cluster']['gpu_memory_gb']} GB): {hint}"
+    )
 
 
 def plan_for(cfg, mcfg: ModelConfig) -> dict:
@@ -183,9 +269,17 @@ def plan_for(cfg, mcfg: ModelConfig) -> dict:
     precision = str(cfg.trainer.precision)
     if precision == "auto":  # what auto chooses on a bf16 GPU (remoe.precision)
         precision = "bf16-mixed"
-    return make_plan(mcfg, seq_len=int(cfg.size.seq_len), micro_batch=int(cfg.data.micro_batch_size),
-                     global_batch=int(cfg.size.global_batch_size), max_steps=int(cfg.trainer.max_steps),
-                     precision=precision, cluster=dict(cfg.cluster), stage1=METHODS[mcfg.routing].dense_start)
+    return make_plan(
+        mcfg,
+        seq_len=int(cfg.size.seq_len),
+        micro_batch=int(cfg.data.micro_batch_size),
+        global_batch=int(cfg.size.global_batch_size),
+        max_steps=int(cfg.trainer.max_steps),
+        precision=precision,
+        cluster=dict(cfg.cluster),
+        stage1=METHODS[mcfg.routing].dense_start,
+        recompute_above=cfg.get("moe_recompute_above"),
+    )
 
 
 def on_gpus(trainer_cfg) -> bool:

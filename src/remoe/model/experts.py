@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .dispatch import Routing, pad_groups
 
@@ -127,6 +128,11 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * ffn))  # gate W1 | up W3
         self.w2 = nn.Parameter(torch.empty(n_experts, ffn, d_model))  # down
+        # A memory ceiling for dense routing (ReMoE's Stage I routes most tokens to most experts): above this
+        # many experts per token, a training forward keeps only the stage's inputs and recomputes the rest
+        # in backward (torch.utils.checkpoint), so a layer holds O(T d + N) instead of O(N (d + 4 ffn/G))
+        # for backward; the numbers are the same. None: never (a run setting, not architecture).
+        self.recompute_above: float | None = None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: (T, d) -> (T, d) = sum over each token's routed pairs of gate * expert output.
@@ -139,7 +145,11 @@ class GroupedExperts(nn.Module):
             routing = pad_groups(routing)  # reuse oneDNN's per-shape kernels (dispatch.pad_groups)
         offs = torch.cumsum(routing.counts, 0, dtype=torch.int32)
         counts = routing.counts.tolist()
-        return _ExpertsFn.apply(x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts, cdt)
+        args = (x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts, cdt)
+        if self.recompute_above is not None and torch.is_grad_enabled() \
+                and routing.token_idx.numel() > self.recompute_above * x.shape[0]:
+            return checkpoint(_ExpertsFn.apply, *args, use_reentrant=False)
+        return _ExpertsFn.apply(*args)
 
 
 class SwiGLU(nn.Module):
