@@ -147,3 +147,13 @@ def test_throughput_table_comes_from_benchmark_json_with_reps_and_spread(tmp_pat
     ours = t[t["source"].str.startswith("ours")]
     assert list(ours["model"]) == ["topk", "remoe"]
     assert set(ours["reps"]) == {"5"} and set(ours["spread"]) == {"±4.0%"}
+
+
+def test_committed_small_scale_page_regenerates_from_its_records(tmp_path):
+    """reports/remoe_small_scale.md is generated from the committed records, not written by hand."""
+    from conftest import ROOT
+    from remoe.report.small_scale import build
+
+    notes = (ROOT / "reports" / "remoe_small_scale" / "notes.md").read_text()
+    path = build([str(ROOT / "reports" / "runs" / "issue12_small_scale")], str(tmp_path), notes=notes)
+    assert Path(path).read_text() == (ROOT / "reports" / "remoe_small_scale.md").read_text()

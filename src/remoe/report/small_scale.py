@@ -17,6 +17,7 @@ import pandas as pd
 from .collect import collect, read_metrics
 from .figures import _save, plt
 from .stats import RULES, compare
+from .tables import to_markdown
 
 BASE = "remoe"  # the paper-exact arm every other arm is compared with
 TAIL_STEPS = 500  # the late-training window for lambda and the penalty's share of the loss
@@ -198,7 +199,7 @@ def build(roots: list[str], out_dir: str, notes: str | None = None) -> str:
         "",
         "## Arms",
         "",
-        tab.to_markdown(index=False),
+        to_markdown(tab),
         "",
         *lines,
         "",
