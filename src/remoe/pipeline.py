@@ -203,11 +203,11 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
     with open_dict(cfg):
         cfg.trainer.precision = choice["precision"]
     cpu = choice.pop("cpu")
-    the_plan = plan.plan_for(cfg, mcfg)  # before any data or model: what this run needs per GPU
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0:  # before any data or model: what this run needs per GPU (rank 0 refuses a
+        the_plan = plan.plan_for(cfg, mcfg)  # strategy that does not fit before other ranks are launched)
         write_json_atomic(os.path.join(run_dir, "plan.json"), the_plan)
-    if plan.on_gpus(cfg.trainer) and (why := plan.check_fits(the_plan, plan.strategy_of(cfg.trainer))):
-        raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
+        if plan.on_gpus(cfg.trainer) and (why := plan.check_fits(the_plan, plan.strategy_of(cfg.trainer))):
+            raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
                          ffn_mult=mcfg.ffn_mult, precision=str(cfg.trainer.precision),
                          precision_choice={"requested": requested, **choice}, cpu=cpu,

@@ -46,9 +46,9 @@ def measure(cfg: ModelConfig, seq_len: int, precision: str) -> dict:
     """Per-token and per-pair activation bytes and FLOPs (forward + backward), measured on CPU."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .bench.common import _register_grouped_mm_flops
+    from .bench.common import register_flop_formulas
 
-    _register_grouped_mm_flops()
+    register_flop_formulas()
     dtype, _ = _precision(precision)
     dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU autocast: bf16 or none
 

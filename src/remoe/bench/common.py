@@ -68,7 +68,7 @@ def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def _register_grouped_mm_flops() -> None:
+def register_flop_formulas() -> None:
     """Teach FlopCounterMode what it does not count (torch 2.13): torch._grouped_mm (the MoE expert GEMMs;
     without it MoE FLOPs are undercounted ~3x) and the CPU flash-attention kernel SDPA runs on CPU
     (without it attention counts 0 on CPU), with torch's own SDPA formulas (full S^2: the causal half is
@@ -84,7 +84,7 @@ def _register_grouped_mm_flops() -> None:
 
 def count_flops(fn: Callable[[], None]) -> int:
     """FLOPs PyTorch counts for one call (matmuls and attention), as actually executed."""
-    _register_grouped_mm_flops()
+    register_flop_formulas()
     with FlopCounterMode(display=False) as fc:
         fn()
     return int(fc.get_total_flops())

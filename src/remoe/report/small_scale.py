@@ -17,7 +17,7 @@ import pandas as pd
 from .collect import collect, read_metrics
 from .figures import _save, plt
 from .stats import RULES, compare
-from .tables import to_markdown
+from .tables import fmt, to_markdown
 
 BASE = "remoe"  # the paper-exact arm every other arm is compared with
 TAIL_STEPS = 500  # the late-training window for lambda and the penalty's share of the loss
@@ -85,10 +85,9 @@ def run_facts(run_dir: str) -> dict:
 
 
 def _ms(v, digits=4) -> str:
-    v = pd.Series(v).dropna()
-    if not len(v):
-        return "–"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+    """Mean ± sample std of the non-missing values, in the tables' format (tables.fmt)."""
+    v = pd.Series(v, dtype=float).dropna()
+    return fmt(v.mean() if len(v) else float("nan"), v.std(ddof=1) if len(v) > 1 else None, len(v), digits)
 
 
 def table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
