@@ -3,6 +3,7 @@
   python src/bench.py model --size tiny --precision bf16           # Table 7 layout: train/infer TFLOPS, MFU
   python src/bench.py layer --E 8 64 128 --G 1 8 --precision fp32 bf16   # MoE layer vs dense (vs Mixtral)
   python src/bench.py gpu                                          # the GPU suite (remoe/bench/gpu.py)
+  python src/bench.py step --config "size=small model=topk"        # step profile; Lightning vs a bare loop
 """
 
 from remoe.cpu import malloc_settings, reexec_with_malloc_settings
@@ -61,8 +62,40 @@ def main() -> None:
     g.add_argument("--configs", nargs="+", default=["8:1:1", "64:1:1", "64:1:8"], help="E:k:G to time")
     g.add_argument("--checks", nargs="+", default=["8:1:1", "8:2:1", "64:1:8"], help="E:k:G to check")
     g.add_argument("--out", default=None, help="default: reports/bench/gpu_<device name>.json")
+    st = sub.add_parser("step", help="where a training step's time goes; Lightning vs a bare loop (same process)")
+    st.add_argument("--config", action="append", default=None,
+                    help='train.py overrides of one config, quoted (repeatable); default: size=small, '
+                         'model=dense, topk, remoe')
+    st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--warmup", type=int, default=5)
+    st.add_argument("--out", default="bench_step.json")
     a = p.parse_args()
     env = environment()
+    if a.cmd == "step":
+        from remoe.bench.step import bench_step, profile_table
+        from remoe.settings import ConfigError
+
+        configs = [c.split() for c in (a.config or [f"size=small model={m}" for m in ("dense", "topk", "remoe")])]
+        if a.steps < 1 or a.warmup < 0:
+            print("bench step: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
+            sys.exit(2)
+        try:
+            from remoe.settings import validate
+            from remoe.bench.step import compose_config
+
+            for c in configs:  # every config checked before any compute
+                validate(compose_config(c))
+        except Exception as e:  # a bad override (Hydra) or a bad value (ConfigError)
+            print(f"bench step: {type(e).__name__ if not isinstance(e, ConfigError) else 'config error'}: "
+                  f"{str(e).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        rows = []
+        for c in configs:
+            rows.append(bench_step(c, a.steps, a.warmup))
+            write_json_atomic(a.out, {"rows": rows, "environment": env})  # keep finished rows
+        print(profile_table(rows))
+        print(f"-> {a.out}")
+        return
     if a.cmd == "gpu":
         from remoe.bench.gpu import parse_config, run_suite, table
 

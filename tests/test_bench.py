@@ -179,3 +179,78 @@ def test_gpu_suite_runs_its_cpu_path_and_refuses_bad_arguments(tmp_path):
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert q.returncode == 2 and why in q.stderr and len(q.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("reports"))  # nothing written on bad input
+
+
+# ---- the training step: Lightning vs the bare loop the step bench measures it against ---------------------
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_step_equals_the_bare_loop_with_fused_adamw_and_clipping(precision, cache_dir, monkeypatch):
+    """The bench's bare loop is the training step (same weights after 3 steps), and the Lightning path clips
+    with a fused AdamW (its bf16 plugin refuses clipping with fused optimizers; LitLM clips by the logged norm)."""
+    from dataclasses import replace
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from remoe.bench.step import BareLoop, compose_config
+    from remoe.lit import LitLM
+    from remoe.settings import derive, routing_knobs, validate
+
+    monkeypatch.setenv("REMOE_CACHE", cache_dir)
+    cfg = compose_config(["size=tiny", "model=topk", "size.max_steps=3", f"trainer.precision={precision}",
+                          "trainer.gradient_clip_val=0.05"])  # small: clipping acts on every step
+    mcfg = validate(cfg)
+    derive(cfg)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    mcfg = replace(mcfg, vocab_size=dm.vocab_size)
+    torch.manual_seed(0)
+    bare = BareLoop(cfg, mcfg, routing_knobs(cfg), dm.train_dataloader(), 1)
+    bare.run(3)
+    torch.manual_seed(0)
+    lit = LitLM(model=mcfg, routing=routing_knobs(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, precision=precision, gradient_clip_val=0.05,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(lit, train_dataloaders=dm.train_dataloader())
+    assert trainer.optimizers[0].defaults["fused"] is True and bare.opt.defaults["fused"] is True
+    assert float(lit._grad_norm) > 0.05  # the last step's norm was above the clip value
+    for (name, a), b in zip(lit.model.named_parameters(), bare.lit.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    unclipped = LitLM(model=mcfg, routing=routing_knobs(cfg), optim=OmegaConf.to_container(cfg.optim, resolve=True))
+    L.Trainer(accelerator="cpu", devices=1, max_steps=3, precision=precision, gradient_clip_val=None, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0).fit(unclipped, train_dataloaders=dm.train_dataloader())
+    assert not torch.allclose(unclipped.model.tok_emb.weight, lit.model.tok_emb.weight)  # clipping changed it
+
+
+def test_fused_adamw_setting():
+    from remoe.lit import adamw_impl
+
+    cpu = [torch.zeros(2, 2)]
+    assert adamw_impl("auto", cpu) == {"fused": True} and adamw_impl(False, cpu) == {}
+    with pytest.raises(ValueError, match="optim.fused"):
+        adamw_impl(True, [torch.zeros(2, 2, device="meta")])
+
+
+def test_step_bench_cli_writes_a_profile_and_refuses_bad_configs(tmp_path, cache_dir):
+    out = tmp_path / "s.json"
+    env = {**os.environ, "REMOE_CACHE": cache_dir}
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "step", "--config",
+                        "size=tiny model=remoe size.micro_batch_size=16", "--steps", "2", "--warmup", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["accumulate"] == 2 and row["lightning_status"] == "completed"
+    assert row["bare_step_s"] > 0 and row["lightning_step_s"] > 0
+    prof = row["profile_ms_per_step"]
+    assert {"forward", "backward", "optimizer"} <= set(prof)
+    assert prof["forward"]["expert stage (grouped GEMMs, SwiGLU)"] > 0 and prof["backward"]["attention kernel"] > 0
+    assert "Lightning overhead" in p.stdout
+    for bad in ("size=tiny model=nope", "size=tiny experts=0"):
+        p = subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), "step", "--config", bad, "--out",
+                            str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not (tmp_path / "x.json").exists()

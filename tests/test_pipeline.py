@@ -98,6 +98,8 @@ BAD = [
     (["trainer.max_steps=0"], "trainer.max_steps"),
     (["seed=-5"], "seed"),
     (["trainer.precision=bogus"], "trainer.precision"),
+    (["optim.fused=yes"], "optim.fused"),
+    (["compile=1"], "compile"),
     (["+foo=bar"], "foo"),  # a typo is not silently a new setting (nor a folder name)
 ]
 
@@ -219,6 +221,23 @@ def test_same_seed_same_losses_other_seed_differs(train, tmp_path):
     sa, sb = (read_summary(Path(summaries(o)[0]).parent) for o in (a, b))
     assert sa["lambda"] == sb["lambda"] and sa["val_loss"] == pytest.approx(sb["val_loss"], rel=1e-6)
     assert any(abs(x - y) > 1e-4 for (_, x), (_, y) in zip(la, lc))
+
+
+def test_compiled_blocks_train_the_same_losses_and_checkpoint_keys(train, tmp_path):
+    """compile=true (torch.compile per block; ReMoE's routing has data-dependent shapes) gives eager's
+    losses to fp32 tolerance, the same lambda, and a checkpoint an eager run can load (same names)."""
+    import torch
+
+    args = ["model=remoe", "logger=csv", "eval=none", *FAST]
+    _, a = train(*args, out=tmp_path / "eager")
+    _, b = train(*args, "compile=true", out=tmp_path / "compiled")
+    (ra,), (rb,) = ([Path(p).parent for p in summaries(o)] for o in (a, b))
+    la, lb = (metric_series(r, "train/lm_loss") for r in (ra, rb))
+    assert len(la) == len(lb) == 6 and all(x == pytest.approx(y, rel=1e-4) for (_, x), (_, y) in zip(la, lb))
+    sa, sb = read_summary(ra), read_summary(rb)
+    assert sa["lambda"] == pytest.approx(sb["lambda"], rel=1e-6) and sa["sparsity"] == sb["sparsity"]
+    ka, kb = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"].keys() for r in (ra, rb))
+    assert list(ka) == list(kb)
 
 
 def test_resume_continues_with_saved_lambda(train, tmp_path):

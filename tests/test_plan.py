@@ -119,3 +119,22 @@ def test_stage_one_ceiling_at_64_experts():
         f"(estimate {est / 2**20:.1f} MiB + one layer's {transient / 2**20:.1f} MiB while recomputing)"
     )
     assert kept < 0.25 * full and est == pytest.approx(kept, rel=0.15)
+
+
+@pytest.mark.parametrize("sweep,point", [("scale_experts", ["experts=128"]), ("scale_size", ["size=978m"])])
+def test_the_largest_paper_sweep_points_fit_under_their_strategy(sweep, point):
+    """The paper sweeps choose a strategy (and micro-batch / Stage I ceiling) that the plan says fits on the
+    default cluster (8 x A100 80 GB) at their largest ReMoE point: FSDP, where DDP does not."""
+    from hydra import compose, initialize_config_dir
+
+    from remoe.plan import check_fits, plan_for, strategy_of
+    from remoe.settings import derive, register_resolvers, validate
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+sweep=paper/{sweep}", "model=remoe", "eval=none", *point])
+    mcfg = validate(cfg)
+    derive(cfg)
+    p = plan_for(cfg, mcfg)
+    assert strategy_of(cfg.trainer) == "fsdp" and check_fits(p, "fsdp") is None
+    assert check_fits(p, "ddp") is not None  # DDP would not have fitted

@@ -358,3 +358,57 @@ def test_signal_handlers_are_restored_after_training(tmp_path, cache_dir, monkey
                                             f"trainer.default_root_dir={tmp_path / 'run'}"])
     train(cfg, str(tmp_path / "run"))
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ---- trainer=fsdp (FSDP2 through Lightning's ModelParallelStrategy) on 2 CPU processes -----------------------
+FSDP_RUN = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=20", "size.ckpt_interval=2",
+            "size.val_interval=10", "size.val_batches=2", "analysis.batches=2", "analysis.flip_interval=0"]
+
+
+def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path, env):
+    """FSDP2 on 2 CPU ranks: loss, lambda and sparsity equal to DDP's (1e-5) over 20 steps; a SIGKILL of
+    the whole job and a resume from the sharded last.ckpt gives the same losses and lambda; the sharded
+    checkpoint loads for evaluation/export with the weights DDP's checkpoint holds."""
+    from remoe.checkpoint import is_sharded
+    from remoe.eval.adapter import load_checkpoint
+
+    runs = {k: tmp_path / k for k in ("ddp", "fsdp", "cut")}
+    for r in runs.values():
+        r.mkdir()
+
+    def launch(run_dir, trainer, *extra):
+        return subprocess.Popen([sys.executable, str(ROOT / "src" / "train.py"), *COMMON, f"trainer={trainer}",
+                                 *FSDP_RUN, f"hydra.run.dir={run_dir}", *extra], env=env, cwd=run_dir.parent,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    for name, trainer in (("ddp", "ddp"), ("fsdp", "fsdp")):
+        p = launch(runs[name], trainer)
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    for key in ("train/loss", "train/lambda", "train/sparsity"):
+        a, b = series(runs["ddp"], key), series(runs["fsdp"], key)
+        assert len(a) == 20 and a.keys() == b.keys()
+        assert all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-7) for s in a), key
+    ckpt = runs["fsdp"] / "checkpoints" / "last.ckpt"
+    assert is_sharded(str(ckpt)) and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+    (fs, _, hp), (dd, _, _) = (load_checkpoint(str(runs[k] / "checkpoints" / "last.ckpt")) for k in ("fsdp", "ddp"))
+    for (name, x), y in zip(fs.state_dict().items(), dd.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+    assert (runs["fsdp"] / "routing_analysis.json").exists()  # rank 0 analysed the gathered model
+    # SIGKILL the job (both ranks) after a checkpoint, resume from the shards
+    q = launch(runs["cut"], "fsdp")
+    marker = runs["cut"] / "checkpoints" / "last.ckpt" / "meta.pt"
+    t = time.time()
+    while not marker.exists():
+        assert q.poll() is None, q.stderr.read()[-3000:]
+        assert time.time() - t < 300
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(q.pid, signal.SIGKILL)
+    q.wait()
+    assert read_summary(runs["cut"]) is None
+    r = launch(runs["cut"], "fsdp", "resume=true")
+    assert r.wait(timeout=600) == 0, r.stderr.read()[-3000:]
+    a, b = read_summary(runs["fsdp"]), read_summary(runs["cut"])
+    assert b["resumed_from"].endswith("last.ckpt") and b["steps"] == 20
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6) and b["lambda"] == pytest.approx(a["lambda"], rel=1e-6)
+    assert series(runs["cut"], "train/loss")[19] == pytest.approx(series(runs["fsdp"], "train/loss")[19], rel=1e-6)

@@ -29,6 +29,43 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_impl(fused: bool | str, params: list[torch.Tensor]) -> dict:
+    """AdamW's implementation: fused (one kernel over all parameters) where torch has it for every parameter's
+    device, else torch's default. Why: on CPU the default (foreach) step of size=small TopK E=8 took 33 ms, the
+    fused one 12 ms (bench.py step). Same update rule; the rounding of the update may differ in the last bit.
+    fused: "auto" (fused where supported), True (required), False (torch's default)."""
+    supported = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    if fused == "auto":
+        return {"fused": True} if supported and params else {}
+    if fused and not supported:
+        raise ValueError("optim.fused=true: fused AdamW needs every parameter on cpu or cuda")
+    return {"fused": True} if fused else {}
+
+
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each transformer block in place (nn.Module.compile: parameter names, hence checkpoints and
+    exports, unchanged), as torchtitan compiles per block. An MoE block's routing has data-dependent shapes
+    (nonzero, per-expert counts): dynamo breaks the graph there and compiles attention, norms and the router
+    around it; ReLU routing's varying counts cost a few recompiles in the first steps."""
+    for block in model.blocks:
+        block.compile()
+
+
+def build_optimizer(module: torch.nn.Module, o: dict, total: int):
+    """(AdamW, its LambdaLR schedule) for `module` under the `optim` settings: no weight decay on norms
+    (1-d parameters); linear warm-up then cosine to min_lr over `total` steps."""
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], **adamw_impl(o.get("fused", "auto"), decay),
+    )
+    warmup = max(1, round(o["warmup"] * total) if o["warmup"] < 1 else int(o["warmup"]))
+    min_ratio = o["min_lr"] / o["lr"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total, min_ratio))
+    return opt, sched
+
+
 class LitLM(L.LightningModule):
     """Public state for callbacks and the pipeline: `model`, `routing` (the method object),
     `last_routing` (the latest optimizer step's RoutingStats) and `rank_states` (after training)."""
@@ -50,10 +87,30 @@ class LitLM(L.LightningModule):
         self.routing_log_interval = routing_log_interval
         self.tokenizer_json = tokenizer_json  # goes into every checkpoint: checkpoints are self-contained
         self.last_routing: RoutingStats | None = None
+        self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step (clipping)
         self.rank_states: dict | None = None
 
     def forward(self, idx: torch.Tensor):
         return self.model(idx)
+
+    def configure_model(self) -> None:
+        """trainer=fsdp (Lightning's ModelParallelStrategy): FSDP2 (fully_shard) per transformer block, then
+        the root (embedding, final norm, head), over the data-parallel mesh, as torchtitan does. Parameters,
+        gradients and AdamW state are sharded along dim 0 (an expert weight (E, d, f): by expert); a block's
+        weights are gathered for its forward and backward only. Buffers (routing counts, the hash table, the
+        expert bias) stay whole on every rank, and the routing counts are all-reduced as under DDP."""
+        mesh = self._device_mesh
+        if mesh is None or getattr(self.model, "_remoe_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+            raise ValueError("trainer.strategy: tensor parallelism is not implemented; set tensor_parallel_size=1")
+        for block in self.model.blocks:
+            fully_shard(block, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+        self.model._remoe_sharded = True
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L_lm, the routing loss, its weighted term added to L_lm)."""
@@ -68,6 +125,21 @@ class LitLM(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self.routing.on_train_step_start(self.trainer.global_step, self.model)
+
+    def whole_model(self) -> Transformer | None:
+        """The trained model, whole, for rank-0 work after training (routing analysis, evaluation). Sharded
+        (FSDP2): every rank must call this (it gathers the full state dict, a collective); rank 0 gets an
+        unsharded copy on CPU, the others None. Otherwise: self.model on every rank."""
+        if not getattr(self.model, "_remoe_sharded", False):
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank != 0:
+            return None
+        whole = Transformer(self.cfg)
+        whole.load_state_dict(state, strict=True)
+        return whole.train(self.model.training)
 
     def training_step(self, batch, batch_idx):
         lm, routing_loss, weighted = self._losses(batch)
@@ -87,11 +159,30 @@ class LitLM(L.LightningModule):
         # torch's get_total_norm (what clip_grad_norm_ uses): one foreach pass, no host sync per parameter
         # (Lightning's utilities.grad_norm builds a per-parameter dict and syncs on each one)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self._grad_norm = None
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, 2.0)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of sharded partial norms -> the global norm
+                norm = norm.full_tensor()
             if not torch.isfinite(norm):
                 raise NonFiniteError(f"non-finite gradient norm at step {self.trainer.global_step}")
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            self._grad_norm = norm
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the norm just logged (one norm pass, not two): the global norm on one device, under DDP and
+        under FSDP2 (whose sharded partial norms full_tensor() combined), without an fp16 loss scaler. Also why
+        a fused AdamW can clip here: Lightning's mixed-precision plugin refuses clipping with any fused
+        optimizer, a guard that matters only for a GradScaler (bf16-mixed has none). Else Lightning clips."""
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+        whole = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy))
+        if (gradient_clip_val and gradient_clip_algorithm in (None, "norm") and whole and self._grad_norm is not None
+                and getattr(self.trainer.precision_plugin, "scaler", None) is None):
+            grads = [p for p in self.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(grads, gradient_clip_val, self._grad_norm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs):
         """After the step: reduce the routing counts over ranks and hand them to the routing method (its
@@ -144,19 +235,10 @@ class LitLM(L.LightningModule):
             self.log("val/ppl", torch.exp(loss.float()), sync_dist=False)
 
     def configure_optimizers(self):
-        o = self.optim
-        decay = [p for p in self.parameters() if p.ndim >= 2]  # no weight decay on norms
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-        )
-        total = self.trainer.max_steps
-        warmup = max(1, round(o["warmup"] * total) if o["warmup"] < 1 else int(o["warmup"]))
-        min_ratio = o["min_lr"] / o["lr"]
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, warmup, total, min_ratio)
-        )
+        optim = dict(self.optim)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None and optim.get("fused") == "auto":
+            optim["fused"] = False  # fp16 loss scaling: Lightning unscales before clipping only unfused optimizers
+        opt, sched = build_optimizer(self, optim, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # the routing method's state (ReMoE: lambda and its controller) travels in the checkpoint

@@ -26,7 +26,7 @@ from . import plan, precision
 from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput
 from .console import closing_line
 from .cpu import malloc_settings
-from .lit import LitLM
+from .lit import LitLM, compile_blocks
 from .model import ModelConfig
 from .model.config import split_legacy
 from .loggers import CSVLogger
@@ -92,7 +92,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
     """The checkpoint to resume from, checked before the run folder is touched: a file
     that cannot be loaded, or that holds another architecture, is a ConfigError naming it. (Routing-method
     knobs such as alpha may change on resume: they are not the model.)"""
-    import torch
+    from .checkpoint import read_meta
 
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not cfg.resume:
@@ -101,7 +101,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
         log.warning("resume=true but %s does not exist: starting from scratch", last)
         return Resume()
     try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = read_meta(last)  # a file, or a sharded folder (trainer=fsdp)
         saved, step = split_legacy(ckpt["hyper_parameters"]["model"])[0], int(ckpt["global_step"])
     except Exception as e:  # noqa: BLE001 - any reason a checkpoint cannot be read is reported the same way
         reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
@@ -127,21 +127,22 @@ def _callbacks(cfg: DictConfig, run_dir: str, lit: LitLM) -> list[L.Callback]:
     return callbacks
 
 
-def _evaluate(cfg: DictConfig, trainer, lit: LitLM, dm, run_dir: str, summary: RunSummary, loggers) -> None:
-    """Routing analysis and downstream evaluation of the final model (rank zero)."""
+def _evaluate(cfg: DictConfig, trainer, lit: LitLM, model, dm, run_dir: str, summary: RunSummary,
+              loggers) -> None:
+    """Routing analysis and downstream evaluation of the final model (rank zero; `model`: lit.whole_model())."""
     if lit.routing.moe and cfg.analysis.batches:
         from .analysis import routing_analysis, write_analysis
 
         write_analysis(os.path.join(run_dir, "routing_analysis.json"),
-                       routing_analysis(lit.model, dm.val_dataloader(), cfg.analysis.batches))
+                       routing_analysis(model, dm.val_dataloader(), cfg.analysis.batches))
     if cfg.eval.suite == "none":
         return
     from .eval.run import evaluate_model
 
     summary.write(run_dir)  # the training record is on disk before evaluation starts
     try:
-        _, fields = evaluate_model(lit.model, dm.tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed,
-                                   device=str(lit.device), dtype=str(cfg.trainer.precision))
+        _, fields = evaluate_model(model, dm.tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed,
+                                   device=str(next(model.parameters()).device), dtype=str(cfg.trainer.precision))
     except Exception as e:
         summary.downstream_error = f"{type(e).__name__}: {e}"
         raise
@@ -237,6 +238,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
                     routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
         for layer in lit.model.moe_layers():  # the Stage I memory ceiling (experts.GroupedExperts)
             layer.experts.recompute_above = cfg.moe_recompute_above
+        if cfg.get("compile"):
+            compile_blocks(lit.model)
         if rank_zero_only.rank == 0:
             dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
         loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
@@ -260,8 +263,9 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         )
         if rank_zero_only.rank == 0 and completed_before:
             write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
+        model = lit.whole_model()  # a collective under FSDP: every rank takes part
         if trainer.is_global_zero:
-            _evaluate(cfg, trainer, lit, dm, run_dir, summary, loggers)
+            _evaluate(cfg, trainer, lit, model, dm, run_dir, summary, loggers)
     except SIGTERMException:
         fault = next((c for c in callbacks if isinstance(c, FaultCheckpoint)), None)
         stopped_by = (fault and fault.stopped_by) or "SIGTERM"

@@ -125,6 +125,26 @@ def batch_split(cfg: DictConfig) -> tuple[int, int]:
     return micro, gb // ws // micro
 
 
+def check_prepared(cfg: DictConfig) -> None:
+    """data=prepared: the folder's sequences have this run's length, and the token budget fits in them (a
+    prepared corpus is not repeated: a larger budget is a config error, not a silent second epoch)."""
+    from .data.datamodule import read_prepared
+
+    try:
+        rec = read_prepared(str(cfg.data.dir))
+    except ValueError as e:
+        raise ConfigError(f"data.dir: {e}") from None
+    if rec["seq_len"] != cfg.size.seq_len:
+        raise ConfigError(f"data.dir: prepared for seq_len {rec['seq_len']}, this run has size.seq_len "
+                          f"{cfg.size.seq_len}; prepare it again for this length")
+    need = cfg.trainer.max_steps * cfg.size.global_batch_size
+    have = rec["sequences"]["train"]
+    if need > have:
+        raise ConfigError(f"trainer.max_steps: {cfg.trainer.max_steps} steps x {cfg.size.global_batch_size} "
+                          f"sequences = {need} > the {have} training sequences prepared in {cfg.data.dir} "
+                          f"({have * cfg.size.seq_len:,} tokens); prepare more data or train fewer steps")
+
+
 def validate(cfg: DictConfig) -> ModelConfig:
     """Every check that needs no data and no model. Raises ConfigError naming the key. Returns the
     architecture (with a placeholder vocabulary until the tokenizer is known)."""
@@ -139,6 +159,10 @@ def validate(cfg: DictConfig) -> ModelConfig:
     if str(cfg.trainer.precision) not in PRECISIONS | {"auto"}:
         raise ConfigError(f"trainer.precision: {cfg.trainer.precision!r} is not one of "
                           f"{sorted(PRECISIONS | {'auto'})} (auto: chosen from the machine, remoe.precision)")
+    if not isinstance(cfg.get("compile", False), bool):
+        raise ConfigError(f"compile: must be true or false (got {cfg.compile!r})")
+    if cfg.optim.get("fused", "auto") not in ("auto", True, False):
+        raise ConfigError(f"optim.fused: must be auto, true or false (got {cfg.optim.fused!r})")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:
@@ -146,8 +170,10 @@ def validate(cfg: DictConfig) -> ModelConfig:
     batch_split(cfg)
     if cfg.trainer.max_steps <= 0:
         raise ConfigError(f"trainer.max_steps: must be > 0 (got {cfg.trainer.max_steps})")
-    if cfg.data.source not in ("stdlib", "text_files", "hf"):
+    if cfg.data.source not in ("stdlib", "text_files", "hf", "prepared"):
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
+    if cfg.data.source == "prepared":
+        check_prepared(cfg)
     if cfg.data.source == "text_files":
         from .data.corpus import check_text_file, expand_files
 
@@ -176,3 +202,6 @@ def derive(cfg: DictConfig) -> None:
         cfg.data.micro_batch_size = micro
         cfg.trainer.accumulate_grad_batches = accumulate
         cfg.trainer.val_check_interval = cfg.size.val_interval * accumulate
+        strategy = cfg.trainer.get("strategy")
+        if OmegaConf.is_dict(strategy) and strategy.get("data_parallel_size") == "auto":
+            strategy.data_parallel_size = world_size(cfg)  # trainer=fsdp: shard over every rank

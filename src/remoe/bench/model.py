@@ -11,6 +11,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from ..lit import adamw_impl
 from ..model import RoutingStats, Transformer, build_method, preset
 from .common import DTYPES, count_flops, matmul_peak, spread, time_fns, time_samples
 
@@ -55,7 +56,7 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
         method = build_method(cfg)
         ids = torch.randint(0, vocab, (batch, S + 1), device=dev)
         sparsity = calibrate_remoe(model, ids) if name == "remoe" else None
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **adamw_impl("auto", list(model.parameters())))
 
         def train_step():
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):

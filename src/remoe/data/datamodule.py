@@ -4,25 +4,33 @@ Map-style sources (`stdlib`, `text_files`) are tokenized and packed with `datase
 on disk under a key of (corpus, tokenizer, seq_len, split); hub corpora (`hf`, e.g. The Pile) stream
 through the same tokenize/pack functions with `datasets`' IterableDataset. Each sequence holds seq_len+1
 tokens of ONE domain (inputs = [:-1], targets = [1:]), so routing can be analysed per domain.
+
+At scale, any source is tokenized once, in parallel processes, by `src/prepare_data.py` (`prepare_to`) into
+a folder of Arrow shards (`datasets`' save_to_disk: memory-mapped, random access) that `data=prepared`
+reads through the same ResumableBatchSampler, so a resumed run continues at the exact batch.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import time
 
 import lightning as L
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.distributed import split_dataset_by_node
 from filelock import FileLock
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from .corpus import expand_files, fingerprint, is_validation, stdlib_documents
 from .tokenizer import cached_bpe, eos_id, load_tokenizer
 
-SOURCES = ("stdlib", "text_files", "hf")
+SOURCES = ("stdlib", "text_files", "hf", "prepared")
+PREPARED = "prepared.json"  # what a prepared folder holds (prepare_to); read before any data is built
 
 
 def default_cache_dir() -> str:
@@ -61,6 +69,24 @@ def pack_batch(batch: dict, seq_len: int, eos: int) -> dict:
     return {"input_ids": out_ids, "domain": out_dom}
 
 
+def pack_split(docs: Dataset, tokenizer, seq_len: int, text_field: str, domain_field: str | None,
+               num_proc: int | None = None) -> Dataset:
+    """Documents -> packed sequences of seq_len + 1 tokens (tokenize_batch, pack_batch), in num_proc processes."""
+    tok = functools.partial(tokenize_batch, tokenizer=tokenizer, text_field=text_field, domain_field=domain_field)
+    pack = functools.partial(pack_batch, seq_len=seq_len, eos=eos_id(tokenizer))
+    docs = docs.map(tok, batched=True, remove_columns=docs.column_names, num_proc=num_proc)
+    return docs.map(pack, batched=True, batch_size=1000, remove_columns=docs.column_names, num_proc=num_proc)
+
+
+def read_prepared(folder: str) -> dict:
+    """A prepared folder's record (prepared.json); ValueError naming what is wrong."""
+    path = os.path.join(folder, PREPARED)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a prepared data folder (no {PREPARED}; make one with src/prepare_data.py)")
+    with open(path) as f:
+        return json.load(f)
+
+
 class ResumableBatchSampler(Sampler):
     """An endless, seeded stream of micro-batches: batch i of rank r is a pure function of (seed, i, r),
     epoch e shuffled by seed + e and dealt round-robin across ranks. A run resumed at micro-batch i sees
@@ -95,8 +121,9 @@ class LMDataModule(L.LightningDataModule):
         val_percent: float = 2.0,  # share of documents held out (map-style sources)
         max_chars: int | None = None,  # stdlib: cap on corpus size
         files: list[str] | str | None = None,  # text_files: paths or globs; domain = parent folder
-        path: str | None = None,  # hf: dataset on the hub
+        path: str | None = None,  # hf: dataset on the hub (or a builder: json, parquet, with data_files)
         name: str | None = None,
+        data_files: dict | list | str | None = None,  # hf: local files in the hub dataset's format
         train_split: str = "train",
         val_split: str = "validation",
         text_field: str = "text",
@@ -107,6 +134,7 @@ class LMDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        dir: str | None = None,  # prepared: the folder src/prepare_data.py wrote
     ):
         super().__init__()
         if source not in SOURCES:
@@ -117,6 +145,9 @@ class LMDataModule(L.LightningDataModule):
         self.tokenizer_name, self.bpe_vocab = tokenizer, vocab_size
         self.val_percent, self.max_chars, self.files = val_percent, max_chars, files
         self.path, self.name, self.train_split, self.val_split = path, name, train_split, val_split
+        if OmegaConf.is_config(data_files):  # from Hydra: datasets wants plain dicts/lists
+            data_files = OmegaConf.to_container(data_files, resolve=True)
+        self.data_files, self.dir = data_files, dir
         self.text_field, self.domain_field = text_field, domain_field
         self.streaming, self.shuffle_buffer, self.val_sequences = streaming, shuffle_buffer, val_sequences
         self.num_workers, self.seed = num_workers, seed
@@ -143,7 +174,10 @@ class LMDataModule(L.LightningDataModule):
         """Load or train the tokenizer (cheap after the first time); sets self.vocab_size."""
         if self.tokenizer is not None:
             return self.tokenizer
-        if self.source == "hf" or self.tokenizer_name:
+        if self.source == "prepared":
+            self.corpus_fingerprint = read_prepared(self.dir)["corpus_fingerprint"]
+            self.tokenizer = load_tokenizer(os.path.join(self.dir, "tokenizer.json"))
+        elif self.source == "hf" or self.tokenizer_name:
             if not self.tokenizer_name:
                 raise ValueError("data.tokenizer: hub corpora need a tokenizer name (e.g. gpt2)")
             self.tokenizer = load_tokenizer(self.tokenizer_name)
@@ -170,27 +204,64 @@ class LMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.prepare_tokenizer()
-        if self.source == "hf":
+        if self.source in ("hf", "prepared"):
             return
         path = self._packed_cache_path()
         os.makedirs(self.cache_dir, exist_ok=True)
         with FileLock(path + ".lock"):
             if os.path.exists(os.path.join(path, "dataset_dict.json")):
                 return
+            self._packed_splits().save_to_disk(path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def _packed_splits(self, num_proc: int | None = None) -> DatasetDict:
+        """Both splits packed: map-style sources split by document (is_validation); hub corpora read train_split
+        and the first val_sequences of val_split, whole (not streamed)."""
+        self.prepare_tokenizer()
+        splits = {}
+        if self.source == "hf":
+            for split, name in (("train", self.train_split), ("validation", self.val_split)):
+                docs = load_dataset(self.path, self.name, split=name, data_files=self.data_files)
+                splits[split] = pack_split(docs, self.tokenizer, self.seq_len, self.text_field, self.domain_field,
+                                           num_proc)
+            val = splits["validation"]
+            splits["validation"] = val.select(range(min(len(val), self.val_sequences)))
+        else:
             docs = getattr(self, "_docs", None) or self.documents()
             is_val = [is_validation(d, self.val_percent) for d in docs["doc_id"]]
-            tok = functools.partial(tokenize_batch, tokenizer=self.tokenizer, text_field="text",
-                                    domain_field="domain")
-            pack = functools.partial(pack_batch, seq_len=self.seq_len, eos=eos_id(self.tokenizer))
-            splits = {}
             for split, keep in (("train", False), ("validation", True)):
                 part = docs.select([i for i, v in enumerate(is_val) if v == keep])
-                part = part.map(tok, batched=True, remove_columns=part.column_names)
-                splits[split] = part.map(pack, batched=True, batch_size=1000, remove_columns=part.column_names)
-                if len(splits[split]) == 0:
-                    raise ValueError(f"data: the {split} split holds no sequence of {self.seq_len + 1} tokens")
-            DatasetDict(splits).save_to_disk(path + ".tmp")
-            os.replace(path + ".tmp", path)
+                splits[split] = pack_split(part, self.tokenizer, self.seq_len, "text", "domain", num_proc)
+        for split, ds in splits.items():
+            if len(ds) == 0:
+                raise ValueError(f"data: the {split} split holds no sequence of {self.seq_len + 1} tokens")
+        return DatasetDict(splits)
+
+    def prepare_to(self, out: str, num_proc: int = 1) -> dict:
+        """Tokenize and pack this source once into `out` (Arrow shards + tokenizer.json + prepared.json), in
+        num_proc processes; returns the record. `out` must not exist (nothing is overwritten)."""
+        if self.source == "prepared":
+            raise ValueError("data: the source is already a prepared folder")
+        if os.path.exists(out):
+            raise ValueError(f"out: {out} exists; prepare into a new folder")
+        t0 = time.perf_counter()
+        splits = self._packed_splits(num_proc)
+        tokenize_s = time.perf_counter() - t0
+        tmp = out.rstrip("/") + ".tmp"
+        splits.save_to_disk(tmp, num_proc=num_proc)
+        self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        n = {k: len(v) for k, v in splits.items()}
+        tokens = n["train"] * (self.seq_len + 1)
+        record = {"source": self.source, "path": self.path, "name": self.name, "data_files": self.data_files,
+                  "files": self.files, "seq_len": self.seq_len, "sequences": n, "train_tokens": tokens,
+                  "vocab_size": self.vocab_size, "corpus_fingerprint": self.corpus_fingerprint or fingerprint(
+                      [self.source, str(self.path), str(self.name), json.dumps(self.data_files, sort_keys=True)]),
+                  "num_proc": num_proc, "seconds": time.perf_counter() - t0,
+                  "tokens_per_s_per_process": (tokens + n["validation"] * (self.seq_len + 1)) / tokenize_s / num_proc}
+        with open(os.path.join(tmp, PREPARED), "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, out)
+        return record
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_ds is not None:
@@ -199,7 +270,7 @@ class LMDataModule(L.LightningDataModule):
         if self.source == "hf":
             self.train_ds, self.val_ds = self._streams()
             return
-        dd = load_from_disk(self._packed_cache_path())
+        dd = load_from_disk(self.dir if self.source == "prepared" else self._packed_cache_path())
         dd.set_format("torch", columns=["input_ids"], output_all_columns=True)
         self.train_ds, self.val_ds = dd["train"], dd["validation"]
 
@@ -209,7 +280,7 @@ class LMDataModule(L.LightningDataModule):
         pack = functools.partial(pack_batch, seq_len=self.seq_len, eos=eos_id(self.tokenizer))
 
         def stream(split):
-            ds = load_dataset(self.path, self.name, split=split, streaming=True)
+            ds = load_dataset(self.path, self.name, split=split, data_files=self.data_files, streaming=True)
             if self.trainer is not None and self.trainer.world_size > 1:
                 ds = split_dataset_by_node(ds, rank=self.trainer.global_rank, world_size=self.trainer.world_size)
             cols = ds.column_names or [self.text_field]
@@ -222,8 +293,12 @@ class LMDataModule(L.LightningDataModule):
     def validation_texts(self, max_docs: int = 2000) -> list[str]:
         """Held-out documents as text (for the offline evaluation suite), in a fixed order."""
         if self.source == "hf":
-            ds = load_dataset(self.path, self.name, split=self.val_split, streaming=True)
+            ds = load_dataset(self.path, self.name, split=self.val_split, data_files=self.data_files, streaming=True)
             return [str(x[self.text_field]) for x in ds.take(max_docs)]
+        if self.source == "prepared":  # the documents are not kept: the held-out sequences, decoded
+            self.setup()
+            tok = self.prepare_tokenizer()
+            return [tok.decode(list(map(int, ids))) for ids in self.val_ds[:max_docs]["input_ids"]]
         docs = getattr(self, "_docs", None) or self.documents()
         return [t for t, i in zip(docs["text"], docs["doc_id"]) if is_validation(i, self.val_percent)][:max_docs]
 

@@ -23,10 +23,13 @@ DTYPES = {"float32": None, "32-true": None, "bfloat16": torch.bfloat16, "bf16-mi
           "float16": torch.float16, "16-mixed": torch.float16}
 
 
-def load_checkpoint(path: str, map_location: str = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """(model, tokenizer, checkpoint hyperparameters) from a Lightning checkpoint written by training."""
+def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer, dict]:
+    """(model on CPU, tokenizer, checkpoint hyperparameters) from a checkpoint written by training (a file, or
+    a sharded folder from trainer=fsdp: its weights only are read)."""
+    from ..checkpoint import is_sharded, load_state_dict, read_meta
+
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = read_meta(path)  # a file, or a sharded folder's meta.pt (trainer=fsdp)
     except FileNotFoundError:
         raise ValueError(f"checkpoint: no such file {path!r}") from None
     except IsADirectoryError:
@@ -35,11 +38,12 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> tuple[Transformer, 
         raise ValueError(f"checkpoint: cannot read {path!r} (truncated or not a torch checkpoint: "
                          f"{type(e).__name__})") from None
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "model" not in hp or "tokenizer" not in ckpt or "state_dict" not in ckpt:
+    if "model" not in hp or "tokenizer" not in ckpt or ("state_dict" not in ckpt and not is_sharded(path)):
         raise ValueError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
                          "tokenizer inside)")
     model = Transformer(ModelConfig.from_dict(hp["model"]))  # reads old checkpoints' model dicts too
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    weights = load_state_dict(path, {f"model.{k}": v for k, v in model.state_dict().items()})
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), hp
 

@@ -134,7 +134,8 @@ class GroupedExperts(nn.Module):
         # for backward; the numbers are the same. None: never (a run setting, not architecture).
         self.recompute_above: float | None = None
 
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    @torch.compiler.disable  # eager under torch.compile: per-expert counts are host values, and the fake-tensor
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # rule of _grouped_mm wants bf16
         """x: (T, d) -> (T, d) = sum over each token's routed pairs of gate * expert output.
         Only routed pairs are computed; tokens with no pair get 0."""
         # no routed pair: keep every weight in the graph (DDP's reducer needs a grad, of zeros, on every rank)
