@@ -6,6 +6,7 @@ set -u
 cd "$(dirname "$0")/../.."
 ROOT=${REMOE_OUTPUT:-outputs}/remoe_small_scale
 SEEDS=${*:-1 2 3}
+mkdir -p "$ROOT"
 declare -A ARMS=(
   [remoe]="model=remoe"
   [topk]="model=topk"
@@ -14,6 +15,9 @@ declare -A ARMS=(
   [hash]="model=hash"
   [ec]="model=ec"
   [auxfree]="model=auxfree"
+  [remoe_l4]="model=remoe size.arch.n_layer=4"   # one-factor arm: depth 4 (tiny has 2 layers)
+  [topk_l4]="model=topk size.arch.n_layer=4"
+  [dense_l4]="model=dense size.arch.n_layer=4"
 )
 ORDER=${ARMS_ORDER:-"remoe topk dense remoe_per_layer"}
 for seed in $SEEDS; do
