@@ -99,14 +99,17 @@ def main() -> None:
     if a.cmd == "gpu":
         from remoe.bench.gpu import parse_config, run_suite, table
 
+        def out_path(res: dict) -> str:
+            return a.out or f"reports/bench/gpu_{res['device_name'].replace(' ', '_')}.json"
+
         try:
             configs, checks = [parse_config(c) for c in a.configs], [parse_config(c) for c in a.checks]
-            res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks)
+            res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks,
+                            on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}))
         except ValueError as e:
             print(f"bench gpu: {e}", file=sys.stderr)
             sys.exit(2)
-        out = a.out or f"reports/bench/gpu_{res['device_name'].replace(' ', '_')}.json"
-        write_json_atomic(out, {**res, "environment": env})
+        out = out_path(res)
         print(table(res))
         print(f"-> {out}")
         sys.exit(0 if all(c["ok"] for c in res["checks"]) else 1)
