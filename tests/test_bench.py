@@ -254,3 +254,31 @@ def test_step_bench_cli_writes_a_profile_and_refuses_bad_configs(tmp_path, cache
                             str(tmp_path / "x.json")], capture_output=True, text=True, timeout=300, env=env)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert not (tmp_path / "x.json").exists()
+
+
+def test_attention_flops_with_grouped_kv_heads_on_a_torch_that_refuses_them(monkeypatch):
+    """torch < 2.13's SDPA FLOP formulas assert equal query and K/V heads, so counting a GQA model's step
+    failed there (seen on the GPU machine's torch 2.11); the counter then repeats K/V heads to the query's,
+    which is what torch 2.13 computes."""
+    from torch.utils import flop_counter
+
+    from remoe.bench.common import _count_gqa_attention
+
+    q, kv = (2, 8, 16, 4), (2, 2, 16, 4)
+    want = flop_counter.sdpa_flop_count(q, kv, kv), flop_counter.sdpa_backward_flop_count(q, q, kv, kv)
+    fwd, bwd = flop_counter.sdpa_flop_count, flop_counter.sdpa_backward_flop_count
+
+    def equal_heads_only(f):
+        def old(*shapes):
+            assert shapes[-3][1] == shapes[-2][1], "query/key/value shapes are incompatible"
+            return f(*shapes)
+        return old
+
+    monkeypatch.setattr(flop_counter, "sdpa_flop_count", equal_heads_only(fwd))
+    monkeypatch.setattr(flop_counter, "sdpa_backward_flop_count", equal_heads_only(bwd))
+    with pytest.raises(AssertionError):
+        flop_counter.sdpa_flop_count(q, kv, kv)
+    _count_gqa_attention()
+    assert (flop_counter.sdpa_flop_count(q, kv, kv), flop_counter.sdpa_backward_flop_count(q, q, kv, kv)) == want
+    _count_gqa_attention()  # a torch that counts GQA is left as it is
+    assert flop_counter.sdpa_flop_count(q, kv, kv) == want[0]

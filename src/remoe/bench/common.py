@@ -68,11 +68,32 @@ def _cpu_flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _broadcast_kv_heads(count):
+    """An SDPA FLOP formula of a torch that asserts equal head counts (before 2.13), given GQA shapes: a
+    grouped K/V head serves each of its query heads, so the FLOPs are those of K/V repeated to the
+    query's heads (what torch 2.13's own formula computes)."""
+    def counted(*shapes):
+        *lead, q, k, v = shapes
+        h = q[1]
+        return count(*lead, q, (k[0], h, *k[2:]), (v[0], h, *v[2:]))
+    return counted
+
+
+def _count_gqa_attention() -> None:
+    try:
+        flop_counter.sdpa_flop_count((1, 2, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1))
+    except AssertionError:  # torch < 2.13: the registered SDPA formulas look these names up when called
+        flop_counter.sdpa_flop_count = _broadcast_kv_heads(flop_counter.sdpa_flop_count)
+        flop_counter.sdpa_backward_flop_count = _broadcast_kv_heads(flop_counter.sdpa_backward_flop_count)
+
+
 def register_flop_formulas() -> None:
     """Teach FlopCounterMode what it does not count (torch 2.13): torch._grouped_mm (the MoE expert GEMMs;
     without it MoE FLOPs are undercounted ~3x) and the CPU flash-attention kernel SDPA runs on CPU
     (without it attention counts 0 on CPU), with torch's own SDPA formulas (full S^2: the causal half is
-    not discounted, as Megatron's and the paper's FLOP counts). Registered when counting, not at import."""
+    not discounted, as Megatron's and the paper's FLOP counts); on torch < 2.13, attention with grouped
+    K/V heads (GQA), which its SDPA formulas refuse. Registered when counting, not at import."""
+    _count_gqa_attention()
     extra = [(getattr(torch.ops.aten, "_grouped_mm", None), _grouped_mm_flops),
              (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), _cpu_flash_flops),
              (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
