@@ -32,7 +32,7 @@ def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 20
         opt.zero_grad()
         loss.backward()
         opt.step()
-        stats = RoutingStats(i, *(t.numpy() for t in model.routing_counts()))
+        stats = RoutingStats(i, *(t.cpu().numpy() for t in model.routing_counts()))
         s = stats.sparsity
         ok = ok + 1 if abs(s - model.cfg.target_sparsity) < 0.02 else 0
         if ok == 3:
