@@ -20,7 +20,11 @@ def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 20
     """Train on the batch with the method's controller (lambda0=1e-3, alpha=1.5) until sparsity is within
     0.02 of target 3 steps running. All weights move (hidden states must develop the shared direction
     that lets ReLU zero gates; a router-only fit cannot), which changes no shape, so no cost, of the
-    timed steps."""
+    timed steps. Expert stages routing over 2 pairs per token (the dense start) recompute in backward, as
+    training's moe_recompute_above does: E=64 at 182m, batch 4x1024, does not fit 140 GB otherwise."""
+    stages = [m for m in model.modules() if hasattr(m, "recompute_above")]
+    for m in stages:
+        m.recompute_above = 2
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     method = build_method(model.cfg, lambda0=1e-3, alpha=1.5)
     s, ok = 0.0, 0
@@ -39,6 +43,8 @@ def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 20
             break
         method.on_optimizer_step(stats, model)
     model.reset_routing_counts()
+    for m in stages:
+        m.recompute_above = None
     return s
 
 
@@ -72,6 +78,8 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 model(ids[:, :-1])
 
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the calibration's
         model.train()
         train_flops = count_flops(train_step)
         model.eval()
@@ -89,7 +97,8 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
                      "train_tflops": train_flops / t_train / 1e12,
                      "infer_tflops": infer_flops / t_infer / 1e12,
                      "train_mfu": train_flops / t_train / peak, "infer_mfu": infer_flops / t_infer / peak,
-                     "reps": reps, "train_spread": spread(train_samples)})
+                     "reps": reps, "train_spread": spread(train_samples),
+                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None})
     by = {r["model"]: r for r in rows}
     if "topk" in by and "remoe" in by:
         for key, col in (("train_diff", "train_tflops"), ("infer_diff", "infer_tflops")):
