@@ -282,3 +282,15 @@ def test_attention_flops_with_grouped_kv_heads_on_a_torch_that_refuses_them(monk
     assert (flop_counter.sdpa_flop_count(q, kv, kv), flop_counter.sdpa_backward_flop_count(q, q, kv, kv)) == want
     _count_gqa_attention()  # a torch that counts GQA is left as it is
     assert flop_counter.sdpa_flop_count(q, kv, kv) == want[0]
+
+
+def test_commit_of_a_copied_tree_is_named_by_remoe_git_commit(monkeypatch):
+    """The GPU machine gets a copy of the tree whose .git said the session's first commit; the command
+    names the real one."""
+    from remoe.runs import git_commit
+
+    monkeypatch.delenv("REMOE_GIT_COMMIT", raising=False)
+    here = git_commit()
+    assert here is None or len(here.removesuffix("-dirty")) == 40
+    monkeypatch.setenv("REMOE_GIT_COMMIT", "f" * 40)
+    assert git_commit() == "f" * 40

@@ -157,20 +157,22 @@ def read_summary(run_dir: str) -> dict | None:
 
 
 def git_commit(path: str | None = None) -> str | None:
-    """Commit of the code that ran (with "-dirty" when the tree has uncommitted changes). A copy of the
-    tree without its .git (e.g. shipped to a remote machine) says it in REMOE_GIT_COMMIT instead."""
+    """Commit of the code that ran (with "-dirty" when the tree has uncommitted changes). REMOE_GIT_COMMIT,
+    when set, names it instead: a copy of the tree shipped to another machine may carry no .git or a
+    stale one (seen on the GPU machine: its .git said the session's first commit)."""
+    if os.environ.get("REMOE_GIT_COMMIT"):
+        return os.environ["REMOE_GIT_COMMIT"]
     cwd = path or os.path.dirname(os.path.abspath(__file__))
-    fallback = os.environ.get("REMOE_GIT_COMMIT") or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              timeout=10)
         if sha.returncode != 0:
-            return fallback
+            return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
 
 
 def package_versions() -> dict[str, str | None]:
