@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 20's regime search: at which CPU setting does Dense x8 < TopK (E=8, k=1) < Dense hold, with
+# gaps above seed noise? Each setting is a set of train.py overrides; runs are seed-paired and resumable.
+# Usage: REMOE_OUTPUT=/somewhere bash reports/regime/run.sh SETTING [seeds...]
+set -u
+cd "$(dirname "$0")/../.."
+declare -A SETTINGS=(
+  [tiny1k]="size=tiny trainer.max_steps=1000 size.warmup=60"                    # ~1 epoch of stdlib
+  [tiny1k_lr1]="size=tiny trainer.max_steps=1000 size.warmup=60 size.lr=1e-3 size.min_lr=1e-4"
+  [small1ep]="size=small trainer.max_steps=480 size.warmup=24"                 # ~1 epoch, 8,192 tok/step
+)
+SETTING=$1; shift
+SEEDS=${*:-1}
+ROOT=${REMOE_OUTPUT:-outputs}/regime/$SETTING
+mkdir -p "$ROOT"
+for seed in $SEEDS; do
+  for arm in dense topk dense8; do
+    case $arm in dense8) m="model=dense model.ffn_mult=8";; *) m="model=$arm";; esac
+    dir="$ROOT/${arm}_s${seed}"
+    python src/train.py ${SETTINGS[$SETTING]} $m seed=$seed name=regime_$SETTING eval=none logger=csv \
+      trainer.enable_progress_bar=false skip_completed=true resume=true "hydra.run.dir=$dir" \
+      > "$dir.log" 2>&1 || echo "FAILED $arm seed $seed"
+    tail -1 "$dir.log"
+  done
+done
