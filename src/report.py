@@ -1,4 +1,7 @@
-"""Regenerate tables and figures from stored runs: `python src/report.py [--runs DIR ...] [--out reports]`."""
+"""Regenerate tables and figures from stored runs: `python src/report.py [--runs DIR ...] [--out reports]`.
+
+`python src/report.py --keep-records SRC DEST` copies the compact record of every completed run under SRC
+(summary, resolved config, metrics, routing logs; no checkpoints) to DEST, e.g. reports/runs."""
 
 import argparse
 import logging
@@ -15,10 +18,21 @@ def main() -> None:
     p.add_argument("--bench", nargs="*", default=None,
                    help="bench JSON files/globs (default: bench*.json under the roots)")
     p.add_argument("--notes", default=None, help="a Markdown file whose text heads the index")
+    p.add_argument("--keep-records", nargs=2, metavar=("SRC", "DEST"), default=None,
+                   help="copy completed runs' compact records from SRC to DEST (existing ones are kept), then stop")
     p.add_argument("--force", action="store_true",
                    help="write the report even when no run is usable (replacing an existing one)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.keep_records:
+        from remoe.runs import keep_records
+
+        src, dest = a.keep_records
+        if not os.path.isdir(src):
+            print(f"report: no such folder {src!r}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{len(keep_records(src, dest))} run records copied to {dest}")
+        return
     missing = [r for r in a.runs if not os.path.isdir(r)]
     if missing or (a.notes and not os.path.isfile(a.notes)):
         print(f"report: no such folder {missing[0]!r}" if missing else f"report: no such file {a.notes!r}",

@@ -1,17 +1,41 @@
 #!/usr/bin/env bash
-# The CPU-scale replication, end to end: routing methods (3 seeds), scaling in E and in G (with Dense
-# and Dense x8), lambda0 and alpha sensitivity -- each run evaluated offline (eval=local) -- then the
-# report into reports/. About an hour on 2 CPU cores. Rerunning skips completed runs.
+# The CPU replication (issue 20), in stages that can run over several sittings: rerunning a stage skips
+# its completed runs and resumes cut ones from their last.ckpt. Every run trains at size=study
+# (conf/size/study.yaml) and is evaluated offline (eval=local); seeds are paired (the same seed gives
+# every method the same batches). Run every stage from ONE commit (the records say which).
+#
+#   bash sweeps/replicate_cpu.sh [stage ...]      # default: every stage, in this order
+#
+#   stage        runs  what                                                                 ~time*
+#   methods        21  dense, Dense x8, hash, EC, TopK, aux-free, ReMoE x seeds 1-3 (E=8)    55 min
+#   experts        18  TopK, ReMoE x E=4,16,32 x seeds 1-3                                   55 min
+#   granularity    12  TopK, ReMoE x G=2,4 x seeds 1-3                                       30 min
+#   lb              6  TopK without aux loss, ReMoE with plain L1 x seeds 1-3                 15 min
+#   per_layer       3  ReMoE with one lambda controller per layer x seeds 1-3                 8 min
+#   sensitivity     8  ReMoE x lambda0 = 1e-16,1e-12,1e-4,1 and alpha = 1.05,1.1,1.3,1.5      20 min
+#   records         -  copy the compact records to reports/runs/, then the report into reports/
+#   * on an otherwise idle 2-core CPU (README "CPU replication"); E=8 / G=1 / LB on / lambda0=1e-8 /
+#     alpha=1.2 / global lambda are the methods stage's runs, not run again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"
 status=0
 run() { python src/train.py -m report_on_multirun_end=false trainer.enable_progress_bar=false "$@" || status=1; }
-run +sweep=cpu/routing_methods
-run +sweep=cpu/scale_experts
-run +sweep=cpu/scale_granularity
-run +sweep=cpu/scale_granularity model=dense model.ffn_mult=8 granularity=1
-run +sweep=cpu/lambda0
-run +sweep=cpu/alpha
-python src/report.py --runs "$REMOE_OUTPUT/sweeps" --out reports --notes sweeps/cpu_notes.md
+stage() {
+  case $1 in
+    methods) run +sweep=cpu/routing_methods ;;
+    experts) run +sweep=cpu/scale_experts ;;
+    granularity) run +sweep=cpu/scale_granularity ;;
+    lb) run +sweep=cpu/lb_ablation ;;
+    per_layer) run +sweep=cpu/lambda_per_layer ;;
+    sensitivity) run +sweep=cpu/lambda0; run +sweep=cpu/alpha ;;
+    records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" reports/runs || status=1
+             python src/report.py --runs reports/runs --out reports --notes sweeps/cpu_notes.md || status=1 ;;
+  esac
+}
+STAGES="methods experts granularity lb per_layer sensitivity records"
+for s in ${@:-$STAGES}; do  # every name checked before anything runs
+  [[ " $STAGES " == *" $s "* ]] || { echo "replicate_cpu.sh: no stage '$s' ($STAGES)" >&2; exit 2; }
+done
+for s in ${@:-$STAGES}; do stage "$s"; done
 exit $status

@@ -256,32 +256,22 @@ def test_resume_continues_with_saved_lambda(train, tmp_path):
     assert lam[8] == pytest.approx(first["lambda"], rel=1e-6)  # the resumed run starts with the saved lambda
 
 
-def test_ddp_two_cpu_ranks_share_lambda_and_sparsity(train):
-    _, out = train("trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", *FAST)
-    [path] = summaries(out)
-    s = read_summary(Path(path).parent)
-    assert s["status"] == "completed" and s["world_size"] == 2
-    lam, sp = s["rank_states"]["lambda"], s["rank_states"]["sparsity"]
-    assert len(lam) == 2 and lam[0] == lam[1] and sp[0] == sp[1]
-    assert lam[0] == pytest.approx(s["lambda"])
-
-
-def test_ddp_two_cpu_ranks_update_the_same_expert_bias(train):
-    """Aux-loss-free balancing: each rank moves its own copy of the bias from the all-reduced counts."""
-    _, out = train("model=auxfree", "trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", *FAST)
-    s = read_summary(Path(summaries(out)[0]).parent)
-    bias = s["rank_states"]["expert_bias_checksum"]
-    assert s["status"] == "completed" and len(bias) == 2 and bias[0] == bias[1] != 0
-
-
-def test_multirun_with_ddp_runs_each_point_once(train):
-    _, out = train("-m", "trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", "seed=1,2", *FAST)
+def test_multirun_with_ddp_runs_each_point_once_and_ranks_share_routing_state(train):
+    """Hydra -m + DDP: each grid point runs once (not again in the child rank). Both ranks hold the same
+    lambda and sparsity (ReMoE) and move their own copy of the expert bias identically from the
+    all-reduced counts (aux-loss-free)."""
+    _, out = train("-m", "trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", "model=remoe,auxfree",
+                   *FAST)
     assert len(glob.glob(str(out / "multirun" / "default" / "*"))) == 1
-    paths = summaries(out)
-    assert len(paths) == 2
-    for p in paths:
-        s = read_summary(Path(p).parent)
-        assert s["status"] == "completed" and s["world_size"] == 2 and len(s["rank_states"]["lambda"]) == 2
+    runs = {s["model"]: s for s in (read_summary(Path(p).parent) for p in summaries(out))}
+    assert set(runs) == {"remoe", "auxfree"}
+    for s in runs.values():
+        assert s["status"] == "completed" and s["world_size"] == 2
+    lam, sp = runs["remoe"]["rank_states"]["lambda"], runs["remoe"]["rank_states"]["sparsity"]
+    assert len(lam) == 2 and lam[0] == lam[1] and sp[0] == sp[1]
+    assert lam[0] == pytest.approx(runs["remoe"]["lambda"])
+    bias = runs["auxfree"]["rank_states"]["expert_bias_checksum"]
+    assert len(bias) == 2 and bias[0] == bias[1] != 0
 
 
 def test_routing_log_file(train):

@@ -157,3 +157,37 @@ def test_committed_small_scale_page_regenerates_from_its_records(tmp_path):
     notes = (ROOT / "reports" / "remoe_small_scale" / "notes.md").read_text()
     path = build([str(ROOT / "reports" / "runs" / "issue12_small_scale")], str(tmp_path), notes=notes)
     assert Path(path).read_text() == (ROOT / "reports" / "remoe_small_scale.md").read_text()
+
+
+def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
+    """`report.py --keep-records` copies completed runs' compact records (no checkpoints) and never
+    replaces one already kept; a report from the records equals the report from the runs."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from remoe.runs import RECORD_FILES, keep_records
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sweep, src, ignore=shutil.ignore_patterns("wandb"))
+    failed = Path(sorted(glob.glob(str(src / "**" / "summary.json"), recursive=True))[0]).parent
+    s = json.loads((failed / "summary.json").read_text())
+    (failed / "summary.json").write_text(json.dumps({**s, "status": "failed"}))
+    kept = keep_records(str(src), str(tmp_path / "records"))
+    assert len(kept) == 5 and not any(Path(k).name == failed.name and Path(k).parent.name == failed.parent.name
+                                      for k in kept)
+    for k in kept:
+        assert {p.name for p in Path(k).iterdir()} <= set(RECORD_FILES) and (Path(k) / "metrics.csv").exists()
+    marker = Path(kept[0]) / "summary.json"
+    marker.write_text(marker.read_text() + " ")
+    assert keep_records(str(src), str(tmp_path / "records")) == [] and marker.read_text().endswith(" ")
+    marker.write_text(marker.read_text()[:-1])
+    shutil.rmtree(failed)  # the same runs on both sides
+    build_report([str(src)], str(tmp_path / "a"))
+    build_report([str(tmp_path / "records")], str(tmp_path / "b"))
+    for f in sorted((tmp_path / "a" / "tables").iterdir()):
+        assert f.read_bytes() == (tmp_path / "b" / "tables" / f.name).read_bytes(), f.name
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "report.py"), "--keep-records", str(tmp_path / "nope"),
+                        str(tmp_path / "x")], capture_output=True, text=True)
+    assert p.returncode == 2 and "no such folder" in p.stderr and not (tmp_path / "x").exists()

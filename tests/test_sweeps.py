@@ -30,7 +30,7 @@ def test_sweep_composes_and_every_point_validates(sweep):
         cfg = compose("config", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
         params = cfg.hydra.sweeper.params
         assert params and cfg.skip_completed and cfg.resume
-        assert cfg.size.name == ("tiny" if sweep.startswith("cpu") or "scale_size" in sweep else "182m") or \
+        assert cfg.size.name == ("study" if sweep.startswith("cpu") else "182m") or \
             "scale_size" in sweep
         grid = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
         for point in itertools.product(*grid):

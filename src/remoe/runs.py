@@ -16,6 +16,10 @@ from importlib import metadata
 from typing import Any
 
 SUMMARY = "summary.json"
+# A run's compact record: what the report and the studies read; committed under reports/runs/ (no
+# checkpoints, no logs). expert_similarity.json exists only where the small-scale study computed it.
+RECORD_FILES = (SUMMARY, "config_resolved.yaml", "metrics.csv", "routing.jsonl", "flips.jsonl",
+                "routing_analysis.json", "expert_similarity.json")
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "wandb", "lm_eval", "datasets", "tokenizers",
             "remoe")
 
@@ -154,6 +158,29 @@ def read_summary(run_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def keep_records(src_root: str, dest_root: str) -> list[str]:
+    """Copy the compact record (RECORD_FILES) of every COMPLETED run under src_root to the same relative
+    folder under dest_root. A record already there is left as it is (never overwritten); a run that is
+    not completed is not copied. Returns the folders written."""
+    import shutil
+
+    written = []
+    for dirpath, _, files in sorted(os.walk(src_root)):
+        s = read_summary(dirpath) if SUMMARY in files else None
+        if not s or s.get("status") != "completed":
+            continue
+        dest = os.path.join(dest_root, os.path.relpath(dirpath, src_root))
+        if os.path.exists(os.path.join(dest, SUMMARY)):
+            continue
+        os.makedirs(dest, exist_ok=True)
+        for name in RECORD_FILES[1:]:
+            if name in files:
+                shutil.copy2(os.path.join(dirpath, name), os.path.join(dest, name))
+        shutil.copy2(os.path.join(dirpath, SUMMARY), os.path.join(dest, SUMMARY))  # last: marks it whole
+        written.append(dest)
+    return written
 
 
 def git_commit(path: str | None = None) -> str | None:
