@@ -155,7 +155,7 @@ def test_committed_small_scale_page_regenerates_from_its_records(tmp_path):
     from remoe.report.small_scale import build
 
     notes = (ROOT / "reports" / "remoe_small_scale" / "notes.md").read_text()
-    path = build([str(ROOT / "reports" / "runs" / "issue12_small_scale")], str(tmp_path), notes=notes)
+    path = build([str(ROOT / "reports" / "remoe_small_scale" / "runs")], str(tmp_path), notes=notes)
     assert Path(path).read_text() == (ROOT / "reports" / "remoe_small_scale.md").read_text()
 
 

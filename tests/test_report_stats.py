@@ -106,3 +106,26 @@ def test_the_index_lists_runs_with_collapsed_layers(tmp_path):
     index = (tmp_path / "rep" / "README.md").read_text()
     section = index.split("## Runs with collapsed layers")[1].split("##")[0]
     assert "bad: layer(s) 1 (per-layer sparsity 0.78 0.99)" in section and "ok:" not in section
+
+
+def test_regime_check_needs_each_gap_above_twice_the_larger_std(tmp_path):
+    """Dense×8 < TopK < Dense, each gap > 2× the larger seed std, 3 seeds a side; the per-layer λ line
+    compares with the global controller's runs."""
+    from remoe.report.stats import clear_gap
+
+    s = lambda *v: pd.Series(v, index=[1, 2, 3])  # noqa: E731
+    assert clear_gap(s(3.40, 3.41, 3.42), s(3.50, 3.51, 3.49)).word == "holds"  # gap 0.09 > 2 x 0.01
+    assert clear_gap(s(3.40, 3.46, 3.52), s(3.50, 3.56, 3.62)).word == "inconclusive"  # 0.10 < 2 x 0.06
+    assert clear_gap(s(3.60, 3.61, 3.62), s(3.50, 3.51, 3.49)).word == "does not hold"
+    assert clear_gap(pd.Series([3.40, 3.41]), pd.Series([3.50, 3.51])).word == "inconclusive"  # 2 seeds
+    for seed in (1, 2, 3):
+        record(tmp_path, f"d8_{seed}", "dense", seed, 3.40 + seed / 1000, ffn_mult=8)
+        record(tmp_path, f"t_{seed}", "topk", seed, 3.45 + seed / 1000)
+        record(tmp_path, f"d_{seed}", "dense", seed, 3.47 + seed / 1000)
+        record(tmp_path, f"r_{seed}", "remoe", seed, 3.46 + seed / 1000, lambda_per_layer=False)
+        record(tmp_path, f"rl_{seed}", "remoe", seed, 3.50 + seed / 500, lambda_per_layer=True)
+    text = claims(collect([str(tmp_path)]).runs)
+    regime = text.split("Regime check")[1].split("\n- ")[0]
+    assert "**holds** (at all 2 gaps)" in regime and "Dense×8 3.4020 ± 0.0010 (n=3) < TopK" in regime
+    per_layer = [x for x in text.splitlines() if x.startswith("- Per-layer λ")]
+    assert len(per_layer) == 1 and "**does not hold**" in per_layer[0] and "global 3.4620" in per_layer[0]

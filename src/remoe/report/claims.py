@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .collect import inactive_cells, routing_share
-from .stats import Verdict, all_of, compare, trend
+from .stats import Verdict, all_of, clear_gap, compare, trend
 from .tables import _standard, identity_keys
 
 
@@ -93,10 +93,46 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
     return [f"{head}: {word}.", *by_method]
 
 
+def _e8(df: pd.DataFrame, model: str, ffn_mult: int = 1) -> pd.DataFrame:
+    """A method's standard runs at the paper's E=8, k=1, G=1 (dense: at ffn_mult)."""
+    if model == "dense":
+        return df[(df["model"] == "dense") & (df["ffn_mult"].fillna(1) == ffn_mult)]
+    return df[_standard(df, model) & (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)]
+
+
+def _regime(df: pd.DataFrame) -> list[str]:
+    """Dense×8 < TopK < Dense (the paper at 182M: 1.873 < 1.936 < 2.042): where capacity does not lower the
+    loss beyond seed noise, ranking routing methods ranks noise."""
+    d8, topk, dense = (_e8(df, "dense", 8), _e8(df, "topk"), _e8(df, "dense"))
+    if not (len(d8) and len(topk) and len(dense)):
+        return []
+    a, b = clear_gap(_by_seed(d8), _by_seed(topk)), clear_gap(_by_seed(topk), _by_seed(dense))
+    return [f"- Regime check — Dense×8 < TopK < Dense, as at 182M (1.873 < 1.936 < 2.042): "
+            f"{all_of([a, b], 'gaps')}.",
+            f"  - Dense×8 {_ms(d8['val_loss'])} < TopK {_ms(topk['val_loss'])}: {a}",
+            f"  - TopK {_ms(topk['val_loss'])} < Dense {_ms(dense['val_loss'])}: {b}"]
+
+
+def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
+    """Issue 12's question: one λ controller per layer (equal sparsity in every layer) against the global one."""
+    remoe = df[df["model"] == "remoe"]
+    if "lambda_per_layer" not in remoe or not len(remoe):
+        return []
+    knobs = (remoe["regularizer"] == "lb_l1") & (remoe["lambda0"] == 1e-8) & (remoe["alpha"] == 1.2) & \
+        (remoe["experts"] == 8) & (remoe["topk"] == 1) & (remoe["granularity"] == 1)
+    per, glob_ = remoe[knobs & (remoe["lambda_per_layer"] == True)], _e8(df, "remoe")  # noqa: E712
+    if not (len(per) and len(glob_)):
+        return []
+    v = compare(_by_seed(per), _by_seed(glob_))
+    return [f"- Per-layer λ reaches a lower validation loss than the global λ (not a claim of the paper; "
+            f"issue 12): {v} — per-layer {_ms(per['val_loss'])}, global {_ms(glob_['val_loss'])}."]
+
+
 def claims(df: pd.DataFrame) -> str:
     if df.empty:
         return ""
     out = ["## The paper's claims at this scale", ""]
+    out += _regime(df)
     for axis, what in (("experts", "every E"), ("granularity", "every G")):
         verdict, lines, _ = _remoe_vs_topk(df, axis)
         out += [f"- ReMoE reaches a lower validation loss than TopK at {what}: {verdict}."]
@@ -134,4 +170,5 @@ def claims(df: pd.DataFrame) -> str:
                         f"{trend(list(g.index), list(g.values), -1)} — "
                         + ", ".join(f"{k:g}: {v:.0f}" for k, v in g.items()) + "."]
     out += _inactive_claim(df)
+    out += _per_layer_lambda(df)
     return "\n".join(out) + "\n"

@@ -16,6 +16,7 @@ from scipy import stats
 P = 0.05  # two-sided significance level
 TREND_PAIRS = 0.8  # share of adjacent steps that must move the claimed way
 TREND_RHO = 0.8  # |Spearman rho| a trend needs
+REGIME_SIGMAS = 2.0  # the regime check: each gap above this many times the larger seed std
 
 RULES = f"""**How verdicts are decided.** A comparison "A is lower than B" (validation loss) *holds* when a
 t-test finds the difference at p < {P} (two-sided) in the claimed direction, *does not hold* when it finds
@@ -26,7 +27,9 @@ unequal variances). A trend "y falls (rises) with x" *holds* when at least {TREN
 steps move that way and Spearman ρ has that sign with |ρ| ≥ {TREND_RHO}, *does not hold* when the same is
 true the other way, and is inconclusive otherwise (fewer than 3 points included). A table row pools only
 runs that differ in nothing but the seed (every field of a setting's identity in `runs.RunSummary`);
-mean ± sample std over seeds, n = seeds."""
+mean ± sample std over seeds, n = seeds. The *regime check* (can this scale rank routing methods?) asks
+more: Dense×8 < TopK < Dense with each gap above {REGIME_SIGMAS:g}× the larger of the two sides' seed
+standard deviations, at least 3 seeds a side; the claims about routing methods are read against it."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,21 @@ def compare(a: pd.Series, b: pd.Series) -> Verdict:
     if p < P:
         return Verdict("holds" if diff < 0 else "does not hold", detail)
     return Verdict("inconclusive", detail + f" ≥ {P}")
+
+
+def clear_gap(a: pd.Series, b: pd.Series, min_seeds: int = 3) -> Verdict:
+    """The regime check's comparison: mean(a) < mean(b) by more than REGIME_SIGMAS x the larger sample
+    std of the two (values indexed by seed)."""
+    a, b = a.dropna(), b.dropna()
+    if len(a) < min_seeds or len(b) < min_seeds:
+        return Verdict("inconclusive", f"n={len(a)} vs n={len(b)}: fewer than {min_seeds} seeds on a side")
+    gap, sd = b.mean() - a.mean(), max(a.std(ddof=1), b.std(ddof=1))
+    detail = f"gap {gap:+.4f}, {REGIME_SIGMAS:g}× the larger std = {REGIME_SIGMAS * sd:.4f}"
+    if gap > REGIME_SIGMAS * sd:
+        return Verdict("holds", detail)
+    if -gap > REGIME_SIGMAS * sd:
+        return Verdict("does not hold", detail + ", the other way")
+    return Verdict("inconclusive", detail + ": within noise")
 
 
 def trend(x: list[float], y: list[float], sign: int) -> Verdict:
