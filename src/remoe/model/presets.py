@@ -22,7 +22,14 @@ def preset_arch(name: str) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in CONF_SIZE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
         raise ValueError(f"size: unknown preset {name!r}; choose one of {known}")
-    return OmegaConf.to_container(OmegaConf.load(path).arch, resolve=True)
+    conf = OmegaConf.load(path)
+    arch: dict = {}
+    for base in conf.get("defaults", []):  # a preset built on another (study: tiny's architecture), as Hydra
+        if isinstance(base, str) and base != "_self_":  # composes it
+            arch.update(preset_arch(base) if (CONF_SIZE_DIR / f"{base}.yaml").is_file() else {})
+    if "arch" in conf:
+        arch.update(OmegaConf.to_container(conf.arch, resolve=True))
+    return arch
 
 
 def preset(name: str, routing: str = "dense", **overrides) -> ModelConfig:
