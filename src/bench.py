@@ -79,13 +79,16 @@ def main() -> None:
         if a.steps < 1 or a.warmup < 0:
             print("bench step: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
             sys.exit(2)
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
         try:
             from remoe.settings import validate
             from remoe.bench.step import compose_config
 
             for c in configs:  # every config checked before any compute
                 validate(compose_config(c))
-        except Exception as e:  # a bad override (Hydra) or a bad value (ConfigError)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:  # bad override / value (ConfigError)
             print(f"bench step: {type(e).__name__ if not isinstance(e, ConfigError) else 'config error'}: "
                   f"{str(e).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)

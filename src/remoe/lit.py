@@ -100,7 +100,7 @@ class LitLM(L.LightningModule):
         weights are gathered for its forward and backward only. Buffers (routing counts, the hash table, the
         expert bias) stay whole on every rank, and the routing counts are all-reduced as under DDP."""
         mesh = self._device_mesh
-        if mesh is None or getattr(self.model, "_remoe_sharded", False):
+        if mesh is None or self.sharded:
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -110,7 +110,13 @@ class LitLM(L.LightningModule):
         for block in self.model.blocks:
             fully_shard(block, mesh=dp)
         fully_shard(self.model, mesh=dp)
-        self.model._remoe_sharded = True
+
+    @property
+    def sharded(self) -> bool:
+        """Whether configure_model sharded the model (fully_shard makes it an FSDPModule)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule)
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L_lm, the routing loss, its weighted term added to L_lm)."""
@@ -130,7 +136,7 @@ class LitLM(L.LightningModule):
         """The trained model, whole, for rank-0 work after training (routing analysis, evaluation). Sharded
         (FSDP2): every rank must call this (it gathers the full state dict, a collective); rank 0 gets an
         unsharded copy on CPU, the others None. Otherwise: self.model on every rank."""
-        if not getattr(self.model, "_remoe_sharded", False):
+        if not self.sharded:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
