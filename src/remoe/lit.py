@@ -114,6 +114,8 @@ class LitLM(L.LightningModule):
     @property
     def sharded(self) -> bool:
         """Whether configure_model sharded the model (fully_shard makes it an FSDPModule)."""
+        if not torch.distributed.is_available():  # a torch built without distributed cannot shard
+            return False
         from torch.distributed.fsdp import FSDPModule
 
         return isinstance(self.model, FSDPModule)
