@@ -16,13 +16,18 @@ from ..model import RoutingStats, Transformer, build_method, preset
 from .common import DTYPES, count_flops, matmul_peak, spread, time_fns, time_samples
 
 
+def peak_memory_gb(dev: torch.device) -> float | None:
+    """Peak allocated memory since the last reset (CUDA only)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+
+
 def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 200) -> float:
     """Train on the batch with the method's controller (lambda0=1e-3, alpha=1.5) until sparsity is within
     0.02 of target 3 steps running. All weights move (hidden states must develop the shared direction
     that lets ReLU zero gates; a router-only fit cannot), which changes no shape, so no cost, of the
     timed steps. Expert stages routing over 2 pairs per token (the dense start) recompute in backward, as
     training's moe_recompute_above does: E=64 at 182m, batch 4x1024, does not fit 140 GB otherwise."""
-    stages = [m for m in model.modules() if hasattr(m, "recompute_above")]
+    stages = {m: m.recompute_above for m in model.modules() if hasattr(m, "recompute_above")}
     for m in stages:
         m.recompute_above = 2
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -43,8 +48,8 @@ def calibrate_remoe(model: Transformer, batch: torch.Tensor, max_steps: int = 20
             break
         method.on_optimizer_step(stats, model)
     model.reset_routing_counts()
-    for m in stages:
-        m.recompute_above = None
+    for m, before in stages.items():
+        m.recompute_above = before
     return s
 
 
@@ -98,9 +103,9 @@ def bench_models(size: str = "tiny", experts: int = 8, topk: int = 1, granularit
                      "infer_tflops": infer_flops / t_infer / 1e12,
                      "train_mfu": train_flops / t_train / peak, "infer_mfu": infer_flops / t_infer / peak,
                      "reps": reps, "train_spread": spread(train_samples),
-                     "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None})
-        del model, opt, train_step, infer_step  # before the next model is built: E=64 at 182m is 5.5B
-        if dev.type == "cuda":                   # parameters, 87 GB with AdamW's state
+                     "peak_memory_gb": peak_memory_gb(dev)})
+        model = opt = train_step = infer_step = None  # freed before the next model is built: E=64 at
+        if dev.type == "cuda":                          # 182m is 5.5B parameters, 87 GB with AdamW's state
             torch.cuda.empty_cache()
     by = {r["model"]: r for r in rows}
     if "topk" in by and "remoe" in by:

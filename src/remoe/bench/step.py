@@ -116,7 +116,8 @@ class BareLoop:
             if lit.routing.moe:
                 counts, tokens = lit.model.routing_counts()
                 lit.model.reset_routing_counts()
-                lit.routing.on_optimizer_step(RoutingStats(self.step_i, counts.cpu().numpy(), tokens.cpu().numpy()), lit.model)
+                stats = RoutingStats(self.step_i, counts.cpu().numpy(), tokens.cpu().numpy())
+                lit.routing.on_optimizer_step(stats, lit.model)
             self.step_i += 1
             now = time.perf_counter()
             times.append(now - t_prev)

@@ -26,7 +26,7 @@ def preset_arch(name: str) -> dict:
     arch: dict = {}
     for base in conf.get("defaults", []):  # a preset built on another (study: tiny's architecture), as Hydra
         if isinstance(base, str) and base != "_self_":  # composes it
-            arch.update(preset_arch(base) if (CONF_SIZE_DIR / f"{base}.yaml").is_file() else {})
+            arch.update(preset_arch(base))
     if "arch" in conf:
         arch.update(OmegaConf.to_container(conf.arch, resolve=True))
     return arch
