@@ -19,6 +19,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"
+# the committed report's command (tests/test_report.py regenerates reports/ with these arguments)
+REPORT_ARGS="--runs reports/runs --notes sweeps/cpu_notes.md --bench reports/bench/bench_*.json"
 status=0
 run() { python src/train.py -m report_on_multirun_end=false trainer.enable_progress_bar=false "$@" || status=1; }
 stage() {
@@ -30,7 +32,7 @@ stage() {
     per_layer) run +sweep=cpu/lambda_per_layer ;;
     sensitivity) run +sweep=cpu/lambda0; run +sweep=cpu/alpha ;;
     records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" reports/runs || status=1
-             python src/report.py --runs reports/runs --out reports --notes sweeps/cpu_notes.md || status=1 ;;
+             python src/report.py $REPORT_ARGS --out reports || status=1 ;;
   esac
 }
 STAGES="methods experts granularity lb per_layer sensitivity records"

@@ -105,6 +105,8 @@ def test_prepare_refuses_bad_values_with_one_line_and_never_overwrites(pile):
     assert p.returncode == 2 and not (tmp / "x").exists()
     p = prepare(tmp, f"out={tmp / 'y'}", "num_proc=0", check=False)
     assert p.returncode == 2 and "num_proc" in p.stderr + p.stdout and not (tmp / "y").exists()
+    p = prepare(tmp, "data=prepared", f"data.dir={out}", f"out={tmp / 'z'}", check=False)
+    assert p.returncode == 2 and "already a prepared folder" in p.stderr + p.stdout and not (tmp / "z").exists()
 
 
 def test_train_from_prepared_resumes_at_the_exact_batch_and_refuses_a_larger_budget(pile, train, tmp_path, cache_dir):

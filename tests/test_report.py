@@ -191,3 +191,29 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "src" / "report.py"), "--keep-records", str(tmp_path / "nope"),
                         str(tmp_path / "x")], capture_output=True, text=True)
     assert p.returncode == 2 and "no such folder" in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_committed_report_regenerates_from_committed_records(tmp_path):
+    """Issue 20: reports/ is exactly what the replication's `records` stage makes from the committed run
+    records (reports/runs): same tables, index and figure names, byte for byte, and no stale file."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (ROOT / "sweeps" / "replicate_cpu.sh").read_text()
+    args = shlex.split(re.search(r'^REPORT_ARGS="(.*)"$', script, re.MULTILINE).group(1))
+    args = [a for pat in args for a in (sorted(glob.glob(pat, root_dir=ROOT)) if "*" in pat else [pat])]
+    out = tmp_path / "reports"
+    p = subprocess.run([sys.executable, "src/report.py", *args, "--out", str(out)], cwd=ROOT, check=False,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    made = {f.relative_to(out) for f in out.rglob("*") if f.is_file()}
+    committed = {f.relative_to(ROOT / "reports") for d in ("tables", "figures")
+                 for f in (ROOT / "reports" / d).rglob("*") if f.is_file()} | {Path("README.md")}
+    assert made == committed
+    for f in sorted(made):
+        if f.suffix != ".png":  # figures: same names; PNG bytes follow the matplotlib build
+            assert (out / f).read_bytes() == (ROOT / "reports" / f).read_bytes(), f

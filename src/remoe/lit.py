@@ -87,7 +87,10 @@ class LitLM(L.LightningModule):
         self.routing_log_interval = routing_log_interval
         self.tokenizer_json = tokenizer_json  # goes into every checkpoint: checkpoints are self-contained
         self.last_routing: RoutingStats | None = None
-        self._grad_norm: torch.Tensor | None = None  # this step's, from on_before_optimizer_step (clipping)
+        # this step's gradient norm and the parameters it was taken over (on_before_optimizer_step): clipping
+        # scales exactly those gradients by exactly that norm
+        self._grad_norm: torch.Tensor | None = None
+        self._clip_params: list[torch.nn.Parameter] = []
         self.rank_states: dict | None = None
 
     def forward(self, idx: torch.Tensor):
@@ -166,7 +169,8 @@ class LitLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # torch's get_total_norm (what clip_grad_norm_ uses): one foreach pass, no host sync per parameter
         # (Lightning's utilities.grad_norm builds a per-parameter dict and syncs on each one)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self._clip_params = [p for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._clip_params]
         self._grad_norm = None
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -187,8 +191,7 @@ class LitLM(L.LightningModule):
         whole = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy))
         if (gradient_clip_val and gradient_clip_algorithm in (None, "norm") and whole and self._grad_norm is not None
                 and getattr(self.trainer.precision_plugin, "scaler", None) is None):
-            grads = [p for p in self.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(grads, gradient_clip_val, self._grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self._clip_params, gradient_clip_val, self._grad_norm)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

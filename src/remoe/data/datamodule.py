@@ -87,6 +87,14 @@ def read_prepared(folder: str) -> dict:
         return json.load(f)
 
 
+
+def check_prepare_target(source: str, out: str) -> None:
+    """Why `prepare_to` would refuse, said before any work (the CLI asks before it builds the data module)."""
+    if source == "prepared":
+        raise ValueError("data: already a prepared folder; choose the source to prepare (data=pile, ...)")
+    if os.path.exists(out):
+        raise ValueError(f"out: {out} exists; prepare into a new folder")
+
 class ResumableBatchSampler(Sampler):
     """An endless, seeded stream of micro-batches: batch i of rank r is a pure function of (seed, i, r),
     epoch e shuffled by seed + e and dealt round-robin across ranks. A run resumed at micro-batch i sees
@@ -240,10 +248,7 @@ class LMDataModule(L.LightningDataModule):
     def prepare_to(self, out: str, num_proc: int = 1) -> dict:
         """Tokenize and pack this source once into `out` (Arrow shards + tokenizer.json + prepared.json), in
         num_proc processes; returns the record. `out` must not exist (nothing is overwritten)."""
-        if self.source == "prepared":
-            raise ValueError("data: the source is already a prepared folder")
-        if os.path.exists(out):
-            raise ValueError(f"out: {out} exists; prepare into a new folder")
+        check_prepare_target(self.source, out)
         t0 = time.perf_counter()
         splits = self._packed_splits(num_proc)
         tokenize_s = time.perf_counter() - t0

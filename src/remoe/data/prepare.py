@@ -13,7 +13,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .datamodule import PREPARED, LMDataModule
+from .datamodule import PREPARED, LMDataModule, check_prepare_target
 
 log = logging.getLogger("remoe")
 
@@ -32,10 +32,7 @@ def loading_rate(folder: str, seq_len: int, micro_batch: int, batches: int) -> f
 
 def prepare(cfg: DictConfig) -> dict:
     out = os.path.abspath(str(cfg.out))
-    if cfg.data.source == "prepared":
-        raise ValueError("data: already a prepared folder; choose the source to prepare (data=pile, ...)")
-    if os.path.exists(out):
-        raise ValueError(f"out: {out} exists; prepare into a new folder")
+    check_prepare_target(cfg.data.source, out)
     if not isinstance(cfg.num_proc, int) or cfg.num_proc < 1:
         raise ValueError(f"num_proc: must be an int >= 1 (got {cfg.num_proc!r})")
     dm = instantiate(cfg.data)
