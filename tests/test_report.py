@@ -39,9 +39,9 @@ def test_report_over_a_multirun(tiny_sweep, tmp_path):
     t = pd.read_csv(out / "tables" / "routing_methods.csv", dtype=str)
     ours = t[t["source"].str.startswith("ours")]
     assert sorted(ours["model"]) == ["dense", "remoe", "topk"] and set(ours["n"]) == {"2"}
-    paper_rows = t[t["source"].str.startswith("paper")]["model"].tolist()  # Table 2: all seven
+    paper_rows = t[t["source"].str.startswith("paper")]["model"].tolist()  # Table 2: all seven, and Dense×8
     assert paper_rows == ["dense", "hash", "lory (not implemented)", "sparsemixer-v2 (not implemented)", "ec",
-                          "topk", "remoe"]
+                          "topk", "remoe", "dense×8"]
     # every number traces back to the runs' summaries
     for _, row in ours.iterrows():
         runs = [read_summary(Path(p).parent) for p in glob.glob(str(tiny_sweep / "**" / "summary.json"), recursive=True)]
@@ -210,6 +210,8 @@ def test_committed_report_regenerates_from_committed_records(tmp_path):
     p = subprocess.run([sys.executable, "src/report.py", *args, "--out", str(out)], cwd=ROOT, check=False,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    methods = pd.read_csv(out / "tables" / "routing_methods.csv", dtype=str)
+    assert {"dense", "dense×8", "topk", "remoe"} <= set(methods["model"])  # the regime check's rows are shown
     made = {f.relative_to(out) for f in out.rglob("*") if f.is_file()}
     committed = {f.relative_to(ROOT / "reports") for d in ("tables", "figures")
                  for f in (ROOT / "reports" / d).rglob("*") if f.is_file()} | {Path("README.md")}

@@ -47,6 +47,12 @@ def with_downstream(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return df, labels
 
 
+def variant(df: pd.DataFrame) -> pd.Series:
+    """A run's row label: its method, or dense×N for a dense model with an N-times-wide FFN (Dense×8)."""
+    mult = df["ffn_mult"].fillna(1) if "ffn_mult" in df else pd.Series(1, index=df.index)
+    return df["model"].where(mult == 1, "dense×" + mult.astype(int).astype(str))
+
+
 def _standard(df: pd.DataFrame, model: str) -> pd.Series:
     """Runs of `model` at its STANDARD knobs (a knob a run's summary lacks, from before it existed, counts
     as its default only for lambda_per_layer)."""
@@ -129,21 +135,24 @@ def _ours(df: pd.DataFrame) -> str:
 
 
 def routing_methods(df: pd.DataFrame) -> pd.DataFrame | None:
-    """Every routing method at E=8, k=1, G=1 (standard knobs) and dense, then the paper's Table 2 rows
-    (methods this code does not have are marked so)."""
+    """Every routing method at E=8, k=1, G=1 (standard knobs), dense and Dense×8 (the regime check's rows),
+    then the paper's Table 2 rows (methods this code does not have are marked so) and its Dense×8 loss."""
     from ..model import METHODS
 
-    sel = df[(_standard(df, "dense")) | (standard_moe(df) &
+    sel = df[(df["model"] == "dense") | (standard_moe(df) &
              (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1))]
     if sel.empty:
         return None
     sel, cols = with_downstream(sel)
+    sel = sel.assign(model=variant(sel))
     out = aggregate(sel, ["size", "model"], {**{c: 2 for c in cols}, "val_loss": 4}, _ours(sel))
     ref = [{"source": paper.SETTING, "size": "182m", "model": m if m in METHODS else f"{m} (not implemented)",
             "n": 1, **{TASK_LABEL[t]: f"{v:.2f}" for t, v in zip(paper.TASKS, vals)},
             "Avg.": f"{sum(vals) / 7:.2f}",
             "val_loss": f"{paper.VAL_N[m]['182m']:.3f}" if m in paper.VAL_N else "–"}
            for m, vals in paper.ROUTING.items()]
+    ref.append({"source": paper.SETTING, "size": "182m", "model": "dense×8", "n": 1,  # no task scores in the paper
+                "val_loss": f"{paper.VAL_DENSE_X8:.3f}"})
     return _with_paper(out, ref)
 
 
@@ -164,8 +173,7 @@ def scaling(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
     if df[moe].empty or (df[moe][axis].nunique() < 2 and axis != "size"):
         return None
     sel, cols = with_downstream(sel)
-    sel = sel.assign(variant=sel["model"].where(sel["ffn_mult"].fillna(1) == 1,
-                                                "dense×" + sel["ffn_mult"].fillna(1).astype(int).astype(str)))
+    sel = sel.assign(variant=variant(sel))
     keys = ["variant", "size"] if axis == "size" else ["size", "variant", axis]
     out = aggregate(sel, keys, {"val_loss": 4, **({"Avg.": 2} if cols else {})}, _ours(sel))
     ref = []
