@@ -87,13 +87,13 @@ def read_prepared(folder: str) -> dict:
         return json.load(f)
 
 
-
 def check_prepare_target(source: str, out: str) -> None:
     """Why `prepare_to` would refuse, said before any work (the CLI asks before it builds the data module)."""
     if source == "prepared":
         raise ValueError("data: already a prepared folder; choose the source to prepare (data=pile, ...)")
     if os.path.exists(out):
         raise ValueError(f"out: {out} exists; prepare into a new folder")
+
 
 class ResumableBatchSampler(Sampler):
     """An endless, seeded stream of micro-batches: batch i of rank r is a pure function of (seed, i, r),

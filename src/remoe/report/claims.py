@@ -8,7 +8,7 @@ import pandas as pd
 
 from .collect import inactive_cells, routing_share
 from .stats import Verdict, all_of, clear_gap, compare, trend
-from .tables import STD, _standard, identity_keys
+from .tables import STD, _standard, identity_keys, paper_point
 
 
 def _ms(v: pd.Series, digits: int = 4) -> str:
@@ -93,15 +93,11 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
     return [f"{head}: {word}.", *by_method]
 
 
-def _paper_point(df: pd.DataFrame) -> pd.Series:
-    return (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)
-
-
 def _e8(df: pd.DataFrame, model: str, ffn_mult: int = 1) -> pd.DataFrame:
     """A method's standard runs at the paper's E=8, k=1, G=1 (dense: at ffn_mult)."""
     if model == "dense":
         return df[(df["model"] == "dense") & (df["ffn_mult"].fillna(1) == ffn_mult)]
-    return df[_standard(df, model) & _paper_point(df)]
+    return df[_standard(df, model) & paper_point(df)]
 
 
 def _regime(df: pd.DataFrame) -> list[str]:
@@ -123,7 +119,7 @@ def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
     remoe = df[df["model"] == "remoe"]
     if "lambda_per_layer" not in remoe or not len(remoe):
         return []
-    knobs = _paper_point(remoe)
+    knobs = paper_point(remoe)
     for k in ("regularizer", "lambda0", "alpha"):  # the standard ReMoE knobs but the controller's scope
         knobs &= remoe[k] == STD[k]
     per, glob_ = remoe[knobs & (remoe["lambda_per_layer"] == True)], _e8(df, "remoe")  # noqa: E712

@@ -47,6 +47,11 @@ def with_downstream(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return df, labels
 
 
+def paper_point(df: pd.DataFrame) -> pd.Series:
+    """Runs at the paper's default MoE shape: E=8, k=1, G=1."""
+    return (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)
+
+
 def variant(df: pd.DataFrame) -> pd.Series:
     """A run's row label: its method, or dense×N for a dense model with an N-times-wide FFN (Dense×8)."""
     mult = df["ffn_mult"].fillna(1) if "ffn_mult" in df else pd.Series(1, index=df.index)
@@ -139,8 +144,7 @@ def routing_methods(df: pd.DataFrame) -> pd.DataFrame | None:
     then the paper's Table 2 rows (methods this code does not have are marked so) and its Dense×8 loss."""
     from ..model import METHODS
 
-    sel = df[(df["model"] == "dense") | (standard_moe(df) &
-             (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1))]
+    sel = df[(df["model"] == "dense") | (standard_moe(df) & paper_point(df))]
     if sel.empty:
         return None
     sel, cols = with_downstream(sel)
@@ -193,7 +197,7 @@ def scaling(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
 def lb_ablation(df: pd.DataFrame) -> pd.DataFrame | None:
     remoe = (df["model"] == "remoe") & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
     topk = df["model"] == "topk"
-    sel = df[(remoe | topk) & (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)].copy()
+    sel = df[(remoe | topk) & paper_point(df)].copy()
     sel["LB"] = ["yes" if (r.model == "remoe" and r.regularizer == "lb_l1")
                  or (r.model == "topk" and r.aux_loss_coef > 0)
                  else "no" for r in sel.itertuples()]
