@@ -99,6 +99,8 @@ BAD = [
     (["seed=-5"], "seed"),
     (["trainer.precision=bogus"], "trainer.precision"),
     (["optim.fused=yes"], "optim.fused"),
+    (["optim.router_lr_scale=0"], "optim.router_lr_scale"),
+    (["optim.router_lr_scale=fast"], "optim.router_lr_scale"),
     (["compile=1"], "compile"),
     (["+foo=bar"], "foo"),  # a typo is not silently a new setting (nor a folder name)
 ]

@@ -94,6 +94,22 @@ def test_small_scale_study_from_stored_runs(tiny_sweep, tmp_path):
         assert (tmp_path / "remoe_small_scale" / "figures" / fig).exists() and fig in text
 
 
+def test_small_scale_arms_name_every_factor_changed_from_the_standard_setting():
+    """An arm is the method plus each factor it changes (and nothing else): runs differing in one factor
+    never share a row, and the standard setting's label is the bare method."""
+    from remoe.report.small_scale import arms
+
+    std = dict(regularizer="lb_l1", lambda0=1e-8, alpha=1.2, lambda_per_layer=False, router_lr_scale=1.0,
+               ffn_mult=None, aux_loss_coef=None, steps=2000, train_tokens=2000 * 4096)
+    rows = [dict(std, model="remoe"), dict(std, model="remoe", lambda0=1e-4),
+            dict(std, model="remoe", lambda_per_layer=True), dict(std, model="remoe", router_lr_scale=0.1),
+            dict(std, model="remoe", steps=1000), dict(std, model="dense", ffn_mult=8),
+            dict(std, model="topk", aux_loss_coef=0.0)]
+    assert list(arms(pd.DataFrame(rows))) == [
+        "remoe", "remoe, λ0=0.0001", "remoe, per-layer λ", "remoe, router LR ×0.1", "remoe, 8,192 tokens/step",
+        "dense×8", "topk, aux coef=0"]
+
+
 def test_report_is_deterministic(tiny_sweep, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     build_report([str(tiny_sweep)], str(a))

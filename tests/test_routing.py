@@ -61,6 +61,47 @@ def test_run_summary_contract():
     assert {"model", "size", "experts", "topk", "granularity", "seed", "lambda0", "alpha"} <= \
         set(RunSummary.keys(identity=True))
     assert "val_loss" in RunSummary.keys(required=True) and "val_loss" not in RunSummary.keys(identity=True)
+    # a record from before router_lr_scale existed trained every weight at one LR: it reads as 1.0
+    assert RunSummary.from_json({"model": "remoe"}).router_lr_scale == 1.0
+    assert RunSummary.from_json({"model": "remoe", "router_lr_scale": 0.1}).router_lr_scale == 0.1
+
+
+@pytest.mark.parametrize("method", ["remoe", "topk"])
+def test_router_lr_scale_moves_only_the_routers_at_that_multiple(method):
+    """optim.router_lr_scale: the routers' weights take exactly `scale` times the AdamW step (LR and decay
+    both scale with the LR) on every step of the schedule; every other weight the same step as at 1. At 1
+    the optimizer has exactly the paper-exact two groups."""
+    import torch
+
+    from remoe.lit import build_optimizer
+    from remoe.model import Transformer
+
+    o = dict(lr=1e-2, min_lr=1e-3, warmup=2, weight_decay=0.01, betas=[0.9, 0.999], eps=1e-8, fused="auto")
+    cfg = preset("tiny", routing=method, vocab_size=64, max_seq_len=16)
+    deltas, lrs = {}, {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        opt, sched = build_optimizer(model, {**o, "router_lr_scale": scale}, total=5)
+        assert len(opt.param_groups) == (2 if scale == 1 else 3)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        logits = model(idx)[0]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+        opt.step()
+        deltas[scale] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        lrs[scale] = []
+        for _ in range(5):  # the whole schedule: warm-up, cosine, floor
+            lrs[scale].append([g["lr"] for g in opt.param_groups])
+            sched.step()
+    for with_router, plain in zip(lrs[0.1], lrs[1.0]):
+        assert with_router[:2] == plain and with_router[2] == pytest.approx(0.1 * plain[0], rel=1e-12)
+    routers = [n for n in deltas[1.0] if ".router." in n]
+    assert len(routers) == cfg.n_layer
+    for n in routers:  # the same gradient, so the same Adam direction, at a tenth of the step
+        torch.testing.assert_close(deltas[0.1][n], 0.1 * deltas[1.0][n], rtol=1e-4, atol=1e-9)
+    first = next(n for n in deltas[1.0] if n not in routers)
+    torch.testing.assert_close(deltas[0.1][first], deltas[1.0][first], rtol=0, atol=0)
 
 
 def test_remoe_controller_state_and_logs():

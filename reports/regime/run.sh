@@ -9,6 +9,7 @@ declare -A SETTINGS=(
   [tiny1k_lr1]="size=tiny trainer.max_steps=1000 size.warmup=60 size.lr=1e-3 size.min_lr=1e-4"
   [tiny1k_w120]="size=tiny trainer.max_steps=1000 size.warmup=120"              # controller inside warm-up
   [tiny4l1k]="size=tiny size.arch.n_layer=4 trainer.max_steps=1000 size.warmup=120"
+  [tiny1k_lr4]="size=tiny trainer.max_steps=1000 size.warmup=120 size.lr=4e-3 size.min_lr=4e-4"  # higher peak LR
   [small1ep]="size=small trainer.max_steps=480 size.warmup=24"                 # ~1 epoch, 8,192 tok/step
 )
 SETTING=$1; shift

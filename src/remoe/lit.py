@@ -53,13 +53,23 @@ def compile_blocks(model: Transformer) -> None:
 
 def build_optimizer(module: torch.nn.Module, o: dict, total: int):
     """(AdamW, its LambdaLR schedule) for `module` under the `optim` settings: no weight decay on norms
-    (1-d parameters); linear warm-up then cosine to min_lr over `total` steps."""
-    decay = [p for p in module.parameters() if p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], **adamw_impl(o.get("fused", "auto"), decay),
-    )
+    (1-d parameters); linear warm-up then cosine to min_lr over `total` steps. optim.router_lr_scale != 1
+    (issue 12, not the paper's: one LR for every weight) gives the routers' weights their own group at
+    that multiple of the LR, on the same schedule; at 1 the groups are exactly the paper-exact two."""
+    scale = float(o.get("router_lr_scale", 1.0))
+    if not scale > 0:
+        raise ValueError(f"optim.router_lr_scale={scale}: must be > 0")
+    model = getattr(module, "model", module)
+    router = [p for layer in (model.moe_layers() if hasattr(model, "moe_layers") else [])
+              for p in layer.router.parameters()] if scale != 1 else []
+    ids = {id(p) for p in router}
+    decay = [p for p in module.parameters() if p.ndim >= 2 and id(p) not in ids]
+    no_decay = [p for p in module.parameters() if p.ndim < 2 and id(p) not in ids]
+    groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if router:
+        groups.append({"params": router, "weight_decay": o["weight_decay"], "lr": o["lr"] * scale})
+    opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+                            **adamw_impl(o.get("fused", "auto"), decay + no_decay + router))
     warmup = max(1, round(o["warmup"] * total) if o["warmup"] < 1 else int(o["warmup"]))
     min_ratio = o["min_lr"] / o["lr"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total, min_ratio))

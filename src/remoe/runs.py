@@ -46,10 +46,13 @@ def write_text_atomic(path: str, text: str | bytes) -> None:
         raise
 
 
-def _f(default=None, *, identity: bool = False, required: bool = False, key: str | None = None):
+def _f(default=None, *, identity: bool = False, required: bool = False, key: str | None = None,
+       absent=None):
     """A summary field. identity: part of a setting's identity (the report never pools runs that differ in
-    one; seed aside); required: a completed run without it cannot be reported; key: its JSON name."""
-    return field(default=default, metadata={"identity": identity, "required": required, "key": key})
+    one; seed aside); required: a completed run without it cannot be reported; key: its JSON name; absent:
+    what a record written before the field existed meant by lacking it (what the code then always did)."""
+    return field(default=default, metadata={"identity": identity, "required": required, "key": key,
+                                            "absent": absent})
 
 
 @dataclass
@@ -74,6 +77,7 @@ class RunSummary:
     lambda0: float | None = _f(identity=True)  # ReMoE
     alpha: float | None = _f(identity=True)  # ReMoE
     lambda_per_layer: bool | None = _f(identity=True)  # ReMoE: one controller per layer
+    router_lr_scale: float | None = _f(identity=True, absent=1.0)  # routers' LR / lr (optim.router_lr_scale)
     aux_loss_coef: float | None = _f(identity=True)  # TopK
     warmup_topk: int | None = _f(identity=True)  # TopK near-dense warm-up: k during the first warmup_steps
     warmup_steps: int | None = _f(identity=True)
@@ -144,9 +148,12 @@ class RunSummary:
 
     @classmethod
     def from_json(cls, d: dict) -> RunSummary:
-        """From a stored summary; keys this version does not declare are ignored."""
+        """From a stored summary; keys this version does not declare are ignored, and a declared key the
+        record lacks takes its `absent` meaning."""
+        absent = {f.name: f.metadata["absent"] for f in fields(cls)
+                  if f.metadata.get("absent") is not None and cls.key(f) not in d}
         names = {cls.key(f): f.name for f in fields(cls)}
-        return cls(**{names[k]: v for k, v in d.items() if k in names})
+        return cls(**absent, **{names[k]: v for k, v in d.items() if k in names})
 
     def write(self, run_dir: str) -> None:
         write_json_atomic(os.path.join(run_dir, SUMMARY), self.to_json())

@@ -163,6 +163,9 @@ def validate(cfg: DictConfig) -> ModelConfig:
         raise ConfigError(f"compile: must be true or false (got {cfg.compile!r})")
     if cfg.optim.get("fused", "auto") not in ("auto", True, False):
         raise ConfigError(f"optim.fused: must be auto, true or false (got {cfg.optim.fused!r})")
+    rls = cfg.optim.get("router_lr_scale", 1.0)
+    if isinstance(rls, bool) or not isinstance(rls, (int, float)) or not rls > 0:
+        raise ConfigError(f"optim.router_lr_scale: must be a number > 0 (got {rls!r})")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:

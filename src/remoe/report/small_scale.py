@@ -2,7 +2,7 @@
 from stored runs only. `python -m remoe.report.small_scale --runs DIR [--notes FILE] --out reports`
 writes reports/remoe_small_scale.md and its figures under reports/remoe_small_scale/figures/.
 
-An arm is a method setting (model, Dense width, ReMoE's per-layer lambda); every arm is compared with
+An arm is a setting (the method and every factor changed from its standard setting: arms()); every arm is compared with
 paper-exact ReMoE on validation loss under the report's rules (stats.compare: paired over shared seeds).
 """
 
@@ -17,19 +17,37 @@ import pandas as pd
 from .collect import collect, read_metrics
 from .figures import _save, plt
 from .stats import RULES, compare
-from .tables import fmt, to_markdown
+from .tables import STANDARD, _key, fmt, to_markdown, variant
 
 BASE = "remoe"  # the paper-exact arm every other arm is compared with
 TAIL_STEPS = 500  # the late-training window for lambda and the penalty's share of the loss
 
 
-def arm(r) -> str:
-    if r["model"] == "dense":
-        mult = int(r["ffn_mult"]) if r["ffn_mult"] == r["ffn_mult"] and r["ffn_mult"] else 1
-        return "dense" if mult == 1 else f"dense×{mult}"
-    if r["model"] == "remoe" and r.get("lambda_per_layer") is True:
-        return "remoe, per-layer λ"
-    return r["model"]
+KNOB_LABEL = {"lambda0": "λ0", "alpha": "α", "regularizer": "regularizer", "aux_loss_coef": "aux coef"}
+
+
+def arms(df: pd.DataFrame) -> pd.Series:
+    """Each run's arm: its method (tables.variant: dense×N for a wider dense FFN) plus every other factor it
+    changes from the method's standard setting (tables.STANDARD), its router LR, and its tokens per step
+    where that differs from most runs'. Runs in one arm differ only in the seed."""
+    tps = df["train_tokens"] / df["steps"]
+    usual = tps.mode().iloc[0] if len(tps) else None
+    out = []
+    for (i, r), label in zip(df.iterrows(), variant(df)):
+        extras = []
+        if r["model"] == "remoe" and r.get("lambda_per_layer") is True:
+            extras.append("per-layer λ")
+        for knob, value in STANDARD.get(r["model"], {}).items():
+            v = r.get(knob)
+            if knob not in ("lambda_per_layer", "ffn_mult") and v is not None and v == v and v != value:
+                extras.append(f"{KNOB_LABEL.get(knob, knob)}={_key(v)}")
+        rls = r.get("router_lr_scale")
+        if rls is not None and rls == rls and rls != 1:
+            extras.append(f"router LR ×{_key(rls)}")
+        if tps[i] != usual:
+            extras.append(f"{int(tps[i]):,} tokens/step")
+        out.append(", ".join([label, *extras]))
+    return pd.Series(out, index=df.index)
 
 
 def _tail(m: pd.DataFrame | None, col: str) -> pd.Series:
@@ -91,7 +109,7 @@ def _ms(v, digits=4) -> str:
 
 
 def table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    df = df.assign(arm=[arm(r) for _, r in df.iterrows()])
+    df = df.assign(arm=arms(df))
     facts = pd.DataFrame([run_facts(d) for d in df["run_dir"]], index=df.index)
     df = pd.concat([df, facts], axis=1)
     base = df[df["arm"] == BASE].set_index("seed")["val_loss"]
@@ -135,7 +153,7 @@ def _mean_curve(runs: list[str], col: str) -> pd.Series | None:
 
 def figures(df: pd.DataFrame, fig_dir: str) -> list[str]:
     os.makedirs(fig_dir, exist_ok=True)
-    df = df.assign(arm=[arm(r) for _, r in df.iterrows()])
+    df = df.assign(arm=arms(df))
     out = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, g in df.groupby("arm", sort=False):
@@ -149,9 +167,9 @@ def figures(df: pd.DataFrame, fig_dir: str) -> list[str]:
     out.append(_save(fig, fig_dir, "fig_ss_val_curves"))
     remoe = df[df["model"] == "remoe"]
     if len(remoe):
-        arms = list(dict.fromkeys(remoe["arm"]))
-        fig, axes = plt.subplots(2, len(arms), figsize=(5.5 * len(arms), 6), squeeze=False)
-        for j, name in enumerate(arms):
+        names = list(dict.fromkeys(remoe["arm"]))
+        fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 6), squeeze=False)
+        for j, name in enumerate(names):
             for _, r in remoe[remoe["arm"] == name].sort_values("seed").iterrows():
                 m = read_metrics(r["run_dir"])
                 if m is None:
