@@ -8,7 +8,7 @@ import pandas as pd
 
 from .collect import inactive_cells, routing_share
 from .stats import Verdict, all_of, clear_gap, compare, trend
-from .tables import STD, _standard, identity_keys, paper_point
+from .tables import STD, _standard, identity_keys, paper_point, variant
 
 
 def _ms(v: pd.Series, digits: int = 4) -> str:
@@ -93,17 +93,18 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
     return [f"{head}: {word}.", *by_method]
 
 
-def _e8(df: pd.DataFrame, model: str, ffn_mult: int = 1) -> pd.DataFrame:
-    """A method's standard runs at the paper's E=8, k=1, G=1 (dense: at ffn_mult)."""
-    if model == "dense":
-        return df[(df["model"] == "dense") & (df["ffn_mult"].fillna(1) == ffn_mult)]
-    return df[_standard(df, model) & paper_point(df)]
+def _e8(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """A method's standard runs at the paper's E=8, k=1, G=1; a dense row (dense, dense×8: tables.variant)
+    has no experts, so it is selected by its label alone."""
+    if name == "dense" or name.startswith("dense×"):
+        return df[variant(df) == name]
+    return df[_standard(df, name) & paper_point(df)]
 
 
 def _regime(df: pd.DataFrame) -> list[str]:
     """Dense×8 < TopK < Dense (the paper at 182M: 1.873 < 1.936 < 2.042): where capacity does not lower the
     loss beyond seed noise, ranking routing methods ranks noise."""
-    d8, topk, dense = (_e8(df, "dense", 8), _e8(df, "topk"), _e8(df, "dense"))
+    d8, topk, dense = (_e8(df, "dense×8"), _e8(df, "topk"), _e8(df, "dense"))
     if not (len(d8) and len(topk) and len(dense)):
         return []
     a, b = clear_gap(_by_seed(d8), _by_seed(topk)), clear_gap(_by_seed(topk), _by_seed(dense))
