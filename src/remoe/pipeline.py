@@ -194,15 +194,31 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         lock.release()
 
 
+def resolve_precision(cfg: DictConfig, mcfg: ModelConfig, previous: str | None = None) -> dict:
+    """trainer.precision as this run trains it ("auto" decided here, remoe.precision), written into cfg;
+    returns how it was chosen. previous: the precision a resumed run trained at (kept)."""
+    choice = precision.resolve(str(cfg.trainer.precision), str(cfg.trainer.accelerator), mcfg.d_model,
+                               mcfg.ffn * mcfg.ffn_mult, previous=previous, rank=rank_zero_only.rank)
+    with open_dict(cfg):
+        cfg.trainer.precision = choice["precision"]
+    return choice
+
+
+def build_data(cfg: DictConfig, mcfg: ModelConfig):
+    """(data module, tokenizer and packed cache prepared; mcfg with the tokenizer's vocabulary)."""
+    dm = instantiate(cfg.data)
+    try:
+        dm.prepare_data()  # tokenizer + packed cache (file-locked: safe with several ranks)
+    except ValueError as e:  # e.g. a corpus too small for a validation split
+        raise ConfigError(str(e) if str(e).startswith("data") else f"data: {e}") from None
+    return dm, replace(mcfg, vocab_size=dm.vocab_size)
+
+
 def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
     before = read_summary(run_dir) or {}
     completed_before = before.get("status") == "completed"
     requested = str(cfg.trainer.precision)
-    choice = precision.resolve(requested, str(cfg.trainer.accelerator), mcfg.d_model, mcfg.ffn * mcfg.ffn_mult,
-                               previous=before.get("precision") if resume.path else None,
-                               rank=rank_zero_only.rank)
-    with open_dict(cfg):
-        cfg.trainer.precision = choice["precision"]
+    choice = resolve_precision(cfg, mcfg, previous=before.get("precision") if resume.path else None)
     cpu = choice.pop("cpu")
     if rank_zero_only.rank == 0:  # before any data or model: what this run needs per GPU (rank 0 refuses a
         the_plan = plan.plan_for(cfg, mcfg)  # strategy that does not fit before other ranks are launched)
@@ -223,12 +239,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
     loggers, callbacks = [], []
     try:
         L.seed_everything(cfg.seed, workers=True)
-        dm = instantiate(cfg.data)
-        try:
-            dm.prepare_data()  # tokenizer + packed cache (file-locked: safe with several ranks)
-        except ValueError as e:  # e.g. a corpus too small for a validation split
-            raise ConfigError(str(e) if str(e).startswith("data") else f"data: {e}") from None
-        mcfg = replace(mcfg, vocab_size=dm.vocab_size)
+        dm, mcfg = build_data(cfg, mcfg)
         if resume.arch:
             _check_arch(resume.arch, mcfg)
         counts = mcfg.param_counts()

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PHASES = ("forward", "backward", "optimizer", "between")  # "between": data loading, routing update, logging
@@ -135,12 +135,7 @@ def lightning_step_seconds(run_dir: str, tokens_per_step: int) -> list[float]:
 
 def bench_step(overrides: list[str], steps: int = 20, warmup: int = 5, profile_steps: int = 3) -> dict:
     """One config: Lightning vs bare per-step seconds (medians after `warmup` steps) and the profile."""
-    from dataclasses import replace
-
-    from hydra.utils import instantiate
-
-    from .. import precision
-    from ..pipeline import train
+    from ..pipeline import build_data, resolve_precision, train
     from ..settings import derive, routing_knobs, validate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,14 +147,9 @@ def bench_step(overrides: list[str], steps: int = 20, warmup: int = 5, profile_s
         light_cfg = cfg.copy()  # the pipeline resolves its own precision and derives its own batch split
         mcfg = validate(cfg)
         derive(cfg)
-        choice = precision.resolve(str(cfg.trainer.precision), str(cfg.trainer.accelerator), mcfg.d_model,
-                                   mcfg.ffn * mcfg.ffn_mult)
-        with open_dict(cfg):
-            cfg.trainer.precision = choice["precision"]
-        dm = instantiate(cfg.data)
-        dm.prepare_data()
+        resolve_precision(cfg, mcfg)  # as the pipeline does, so both loops train at the same precision
+        dm, mcfg = build_data(cfg, mcfg)
         dm.setup("fit")
-        mcfg = replace(mcfg, vocab_size=dm.vocab_size)
         accumulate = cfg.trainer.accumulate_grad_batches
         tokens_per_step = cfg.size.global_batch_size * cfg.size.seq_len
 
@@ -194,8 +184,8 @@ def profile_table(results: list[dict]) -> str:
                      f"{r['lightning_tokens_per_s']:.0f} | {100 * r['lightning_overhead']:+.1f}% |")
     for r in results:
         wall = 1e3 * r["bare_step_s"]
-        lines += ["", f"**{' '.join(r['overrides'])}** — bare step {wall:.0f} ms (profiled self time "
-                  f"{r['profile_total_ms']:.0f} ms of op self time under the profiler, which adds its own)",
+        lines += ["", (f"**{' '.join(r['overrides'])}** — bare step {wall:.0f} ms (profiled self time "
+                       f"{r['profile_total_ms']:.0f} ms of op self time under the profiler, which adds its own)"),
                   "| phase | kind | ms/step | share of step |", "|---|---|---|---|"]
         for phase in PHASES:
             for kind, ms in r["profile_ms_per_step"].get(phase, {}).items():
