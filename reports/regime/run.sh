@@ -10,6 +10,7 @@ declare -A SETTINGS=(
   [tiny1k_w120]="size=tiny trainer.max_steps=1000 size.warmup=120"              # controller inside warm-up
   [tiny4l1k]="size=tiny size.arch.n_layer=4 trainer.max_steps=1000 size.warmup=120"
   [tiny1k_lr4]="size=tiny trainer.max_steps=1000 size.warmup=120 size.lr=4e-3 size.min_lr=4e-4"  # higher peak LR
+  [tiny_d128]="size=tiny size.arch.d_model=128 trainer.max_steps=1000 size.warmup=120"  # width: d_model 64 -> 128
   [small1ep]="size=small trainer.max_steps=480 size.warmup=24"                 # ~1 epoch, 8,192 tok/step
 )
 SETTING=$1; shift

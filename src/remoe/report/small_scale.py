@@ -92,12 +92,14 @@ def run_facts(run_dir: str) -> dict:
     """Late-training facts of one run from its metrics.csv (and expert_similarity.json)."""
     m = read_metrics(run_dir)
     lam, reg, lm = _tail(m, "train/lambda"), _tail(m, "train/weighted_reg_loss"), _tail(m, "train/lm_loss")
+    sp = _tail(m, "train/sparsity")
     share = float((reg.to_numpy() / lm.to_numpy()).mean()) if len(reg) and len(reg) == len(lm) else np.nan
     return {
         "lambda_tail": float(lam.mean()) if len(lam) else np.nan,
         "lambda_tail_min": float(lam.min()) if len(lam) else np.nan,
         "lambda_tail_max": float(lam.max()) if len(lam) else np.nan,
         "penalty_share": share,
+        "sparsity_step_std": float(sp.std(ddof=1)) if len(sp) > 1 else np.nan,  # one step's noise about target
         "expert_cos": _similarity(run_dir),
     }
 
@@ -131,6 +133,7 @@ def table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
                 "layer sparsity (tail)": per_layer,
                 "runs with a collapsed layer": f"{collapsed}/{len(g)}",
                 f"λ (last {TAIL_STEPS} steps)": _ms(g["lambda_tail"], 3),
+                "step sparsity std": _ms(g["sparsity_step_std"], 3) if g["model"].iloc[0] == "remoe" else "–",
                 "λ·L_reg / L_lm": _ms(100 * g["penalty_share"], 2)
                 + (" %" if g["penalty_share"].notna().any() else ""),
                 "expert cosine (mean pair)": _ms(g["expert_cos"], 3),
