@@ -165,14 +165,21 @@ def test_throughput_table_comes_from_benchmark_json_with_reps_and_spread(tmp_pat
     assert set(ours["reps"]) == {"5"} and set(ours["spread"]) == {"±4.0%"}
 
 
-def test_committed_small_scale_page_regenerates_from_its_records(tmp_path):
-    """reports/remoe_small_scale.md is generated from the committed records, not written by hand."""
+@pytest.mark.parametrize("study", ["remoe_small_scale", "issue12_depth4", "issue12_factors"])
+def test_committed_small_scale_page_regenerates_from_its_records(tmp_path, study):
+    """Issue 12's pages (reports/remoe_small_scale.md; reports/<study>/remoe_small_scale.md for the studies
+    run from one later commit each) are generated from the committed records, not written by hand."""
     from conftest import ROOT
     from remoe.report.small_scale import build
 
-    notes = (ROOT / "reports" / "remoe_small_scale" / "notes.md").read_text()
-    path = build([str(ROOT / "reports" / "remoe_small_scale" / "runs")], str(tmp_path), notes=notes)
-    assert Path(path).read_text() == (ROOT / "reports" / "remoe_small_scale.md").read_text()
+    folder = ROOT / "reports" / study
+    notes = folder / "notes.md"
+    page = ROOT / "reports" / "remoe_small_scale.md" if study == "remoe_small_scale" else \
+        folder / "remoe_small_scale.md"
+    path = build([str(folder / "runs")], str(tmp_path), notes=notes.read_text() if notes.exists() else None)
+    assert Path(path).read_text() == page.read_text()
+    figures = {p.name for p in (page.parent / "remoe_small_scale" / "figures").iterdir()}
+    assert figures == {p.name for p in (tmp_path / "remoe_small_scale" / "figures").iterdir()}
 
 
 def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
