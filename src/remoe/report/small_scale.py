@@ -2,8 +2,9 @@
 from stored runs only. `python -m remoe.report.small_scale --runs DIR [--notes FILE] --out reports`
 writes reports/remoe_small_scale.md and its figures under reports/remoe_small_scale/figures/.
 
-An arm is a setting (the method and every factor changed from its standard setting: arms()); every arm is compared with
-paper-exact ReMoE on validation loss under the report's rules (stats.compare: paired over shared seeds).
+An arm is a setting (the method and every factor changed from its standard setting: arms()); every arm
+is compared with paper-exact ReMoE on validation loss under the report's rules (stats.compare: paired over
+shared seeds).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ KNOB_LABEL = {"lambda0": "λ0", "alpha": "α", "regularizer": "regularizer", "au
 def arms(df: pd.DataFrame) -> pd.Series:
     """Each run's arm: its method (tables.variant: dense×N for a wider dense FFN) plus every other factor it
     changes from the method's standard setting (tables.STANDARD), its router LR, and its tokens per step
-    where that differs from most runs'. Runs in one arm differ only in the seed."""
+    where that differs from most runs'. Factors not named here (depth, the commit) do not split arms: one
+    study per records folder (reports/issue12_*)."""
     tps = df["train_tokens"] / df["steps"]
     usual = tps.mode().iloc[0] if len(tps) else None
     out = []
