@@ -101,6 +101,7 @@ BAD = [
     (["optim.fused=yes"], "optim.fused"),
     (["optim.router_lr_scale=0"], "optim.router_lr_scale"),
     (["optim.router_lr_scale=fast"], "optim.router_lr_scale"),
+    (["optim.ffn_down_lr=wide"], "optim.ffn_down_lr"),
     (["compile=1"], "compile"),
     (["+foo=bar"], "foo"),  # a typo is not silently a new setting (nor a folder name)
 ]

@@ -110,6 +110,24 @@ def test_small_scale_arms_name_every_factor_changed_from_the_standard_setting():
         "dense×8", "topk, aux coef=0"]
 
 
+def test_runs_off_the_papers_recipe_are_labelled_and_never_a_methods_standard_row():
+    """An optim option off the paper's recipe (tables.RECIPE) names the run's row and keeps it out of the
+    method's standard rows (the routing-methods table, the claims); a record without the fields is the paper's."""
+    from remoe.report.tables import _standard, variant
+    from remoe.runs import RunSummary
+
+    def row(**kw):
+        return RunSummary.from_json({"model": "dense", "ffn_mult": 1, **kw}).to_json()
+
+    df = pd.DataFrame([row(), row(ffn_mult=8), row(ffn_mult=8, ffn_down_lr="fan_in"),
+                       row(model="topk", aux_loss_coef=0.01, router_lr_scale=0.1, ffn_down_lr="fan_in"),
+                       row(model="topk", aux_loss_coef=0.01)])
+    assert list(variant(df)) == ["dense", "dense×8", "dense×8, W2 LR by fan_in",
+                                 "topk, router LR ×0.1, W2 LR by fan_in", "topk"]
+    assert list(_standard(df, "dense")) == [True, False, False, False, False]
+    assert list(_standard(df, "topk")) == [False, False, False, False, True]
+
+
 def test_report_is_deterministic(tiny_sweep, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     build_report([str(tiny_sweep)], str(a))

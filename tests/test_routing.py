@@ -64,6 +64,60 @@ def test_run_summary_contract():
     # a record from before router_lr_scale existed trained every weight at one LR: it reads as 1.0
     assert RunSummary.from_json({"model": "remoe"}).router_lr_scale == 1.0
     assert RunSummary.from_json({"model": "remoe", "router_lr_scale": 0.1}).router_lr_scale == 0.1
+    assert RunSummary.from_json({"model": "dense"}).ffn_down_lr == "same"
+
+
+def first_adamw_step(cfg, o: dict):
+    """Each weight's change in the first AdamW step on one fixed batch, and the optimizer's group LRs over
+    the whole schedule (warm-up, cosine, floor)."""
+    import torch
+
+    from remoe.lit import build_optimizer
+    from remoe.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt, sched = build_optimizer(model, o, total=5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(model(idx)[0].flatten(0, 1), idx.flatten()).backward()
+    opt.step()
+    lrs = []
+    for _ in range(5):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        sched.step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}, lrs
+
+
+OPTIM = dict(lr=1e-2, min_lr=1e-3, warmup=2, weight_decay=0.01, betas=[0.9, 0.999], eps=1e-8, fused="auto")
+
+
+@pytest.mark.parametrize(("method", "extra", "mult"), [
+    ("dense", {"ffn_mult": 8}, 1 / 8),  # Dense x8: W2's fan-in 8 x 4d
+    ("topk", {"granularity": 2, "experts": 16, "topk": 2}, 2.0),  # G=2 experts: fan-in 4d / 2
+    ("dense", {}, None), ("topk", {}, None), ("remoe", {}, None)])  # the paper's 4d FFN: nothing moves
+def test_ffn_down_lr_fan_in_scales_each_w2_by_4d_over_its_fan_in(method, extra, mult):
+    """optim.ffn_down_lr=fan_in (muP's Adam rule on the FFN's down-projection): W2 steps exactly
+    4 d_model / fan-in times as far as under one LR, on every step of the schedule; every other weight takes
+    bitwise the same step. Where every FFN is 4 d_model wide the optimizer is exactly the paper's two groups."""
+    import torch
+
+    cfg = preset("tiny", routing=method, vocab_size=64, max_seq_len=16, **extra)
+    same, lr_same = first_adamw_step(cfg, {**OPTIM, "ffn_down_lr": "same"})
+    fan, lr_fan = first_adamw_step(cfg, {**OPTIM, "ffn_down_lr": "fan_in"})
+    w2 = [n for n in same if n.endswith("w2") or n.endswith("w2.weight")]
+    assert len(w2) == cfg.n_layer
+    if mult is None:
+        assert lr_fan == lr_same and len(lr_fan[0]) == 2
+        assert all(torch.equal(fan[n], same[n]) for n in same)
+        return
+    for moved, plain in zip(lr_fan, lr_same):
+        assert moved[:2] == plain and moved[2] == pytest.approx(mult * plain[0], rel=1e-12)
+    for n in same:
+        if n in w2:  # the same gradient, so the same Adam direction, at mult times the step
+            torch.testing.assert_close(fan[n], mult * same[n], rtol=1e-4, atol=1e-8)  # steps ~5e-3
+        else:
+            assert torch.equal(fan[n], same[n]), n
 
 
 @pytest.mark.parametrize("method", ["remoe", "topk"])
@@ -73,27 +127,11 @@ def test_router_lr_scale_moves_only_the_routers_at_that_multiple(method):
     the optimizer has exactly the paper-exact two groups."""
     import torch
 
-    from remoe.lit import build_optimizer
-    from remoe.model import Transformer
-
-    o = dict(lr=1e-2, min_lr=1e-3, warmup=2, weight_decay=0.01, betas=[0.9, 0.999], eps=1e-8, fused="auto")
     cfg = preset("tiny", routing=method, vocab_size=64, max_seq_len=16)
     deltas, lrs = {}, {}
     for scale in (1.0, 0.1):
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        opt, sched = build_optimizer(model, {**o, "router_lr_scale": scale}, total=5)
-        assert len(opt.param_groups) == (2 if scale == 1 else 3)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
-        logits = model(idx)[0]
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
-        opt.step()
-        deltas[scale] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-        lrs[scale] = []
-        for _ in range(5):  # the whole schedule: warm-up, cosine, floor
-            lrs[scale].append([g["lr"] for g in opt.param_groups])
-            sched.step()
+        deltas[scale], lrs[scale] = first_adamw_step(cfg, {**OPTIM, "router_lr_scale": scale})
+        assert len(lrs[scale][0]) == (2 if scale == 1 else 3)
     for with_router, plain in zip(lrs[0.1], lrs[1.0]):
         assert with_router[:2] == plain and with_router[2] == pytest.approx(0.1 * plain[0], rel=1e-12)
     routers = [n for n in deltas[1.0] if ".router." in n]

@@ -227,6 +227,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
             raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
                          ffn_mult=mcfg.ffn_mult, router_lr_scale=float(cfg.optim.get("router_lr_scale", 1.0)),
+                         ffn_down_lr=str(cfg.optim.get("ffn_down_lr", "same")),
                          precision=str(cfg.trainer.precision),
                          precision_choice={"requested": requested, **choice}, cpu=cpu,
                          git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,

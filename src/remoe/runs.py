@@ -78,6 +78,7 @@ class RunSummary:
     alpha: float | None = _f(identity=True)  # ReMoE
     lambda_per_layer: bool | None = _f(identity=True)  # ReMoE: one controller per layer
     router_lr_scale: float | None = _f(identity=True, absent=1.0)  # routers' LR / lr (optim.router_lr_scale)
+    ffn_down_lr: str | None = _f(identity=True, absent="same")  # optim.ffn_down_lr: same (one LR) | fan_in
     aux_loss_coef: float | None = _f(identity=True)  # TopK
     warmup_topk: int | None = _f(identity=True)  # TopK near-dense warm-up: k during the first warmup_steps
     warmup_steps: int | None = _f(identity=True)

@@ -17,6 +17,7 @@ from typing import get_args
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .lit import FFN_DOWN_LR
 from .model import ModelConfig, RoutingMethod, build_method
 from .model.config import ConfigFieldError
 from .model.presets import CONF_DIR
@@ -166,6 +167,8 @@ def validate(cfg: DictConfig) -> ModelConfig:
     rls = cfg.optim.get("router_lr_scale", 1.0)
     if isinstance(rls, bool) or not isinstance(rls, (int, float)) or not rls > 0:
         raise ConfigError(f"optim.router_lr_scale: must be a number > 0 (got {rls!r})")
+    if cfg.optim.get("ffn_down_lr", "same") not in FFN_DOWN_LR:
+        raise ConfigError(f"optim.ffn_down_lr: must be one of {', '.join(FFN_DOWN_LR)} (got {cfg.optim.ffn_down_lr!r})")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:

@@ -126,6 +126,7 @@ class _ExpertsFn(torch.autograd.Function):
 class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, ffn: int):
         super().__init__()
+        self.ffn = ffn  # each expert's hidden width (W2's fan-in)
         self.w13 = nn.Parameter(torch.empty(n_experts, d_model, 2 * ffn))  # gate W1 | up W3
         self.w2 = nn.Parameter(torch.empty(n_experts, ffn, d_model))  # down
         # A memory ceiling for dense routing (ReMoE's Stage I routes most tokens to most experts): above this

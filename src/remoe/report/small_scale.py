@@ -28,8 +28,8 @@ KNOB_LABEL = {"lambda0": "λ0", "alpha": "α", "regularizer": "regularizer", "au
 
 
 def arms(df: pd.DataFrame) -> pd.Series:
-    """Each run's arm: its method (tables.variant: dense×N for a wider dense FFN) plus every other factor it
-    changes from the method's standard setting (tables.STANDARD), its router LR, and its tokens per step
+    """Each run's arm: its method and recipe (tables.variant: dense×N for a wider dense FFN, router LR, ...)
+    plus every other factor it changes from the method's standard setting (tables.STANDARD), and its tokens per step
     where that differs from most runs'. Factors not named here (depth, the commit) do not split arms: one
     study per records folder (reports/issue12_*)."""
     tps = df["train_tokens"] / df["steps"]
@@ -43,9 +43,6 @@ def arms(df: pd.DataFrame) -> pd.Series:
             v = r.get(knob)
             if knob not in ("lambda_per_layer", "ffn_mult") and v is not None and v == v and v != value:
                 extras.append(f"{KNOB_LABEL.get(knob, knob)}={_key(v)}")
-        rls = r.get("router_lr_scale")
-        if rls is not None and rls == rls and rls != 1:
-            extras.append(f"router LR ×{_key(rls)}")
         if tps[i] != usual:
             extras.append(f"{int(tps[i]):,} tokens/step")
         out.append(", ".join([label, *extras]))

@@ -52,16 +52,31 @@ def paper_point(df: pd.DataFrame) -> pd.Series:
     return (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)
 
 
+# The paper's optimizer recipe (optim options; runs.RunSummary reads a record without them as these): a run
+# off it is a study of its own, labelled so by variant() and never a method's standard row.
+RECIPE = dict(router_lr_scale=1.0, ffn_down_lr="same")
+RECIPE_LABEL = dict(router_lr_scale=lambda v: f"router LR ×{_key(v)}", ffn_down_lr=lambda v: f"W2 LR by {v}")
+
+
+def off_recipe(r) -> list[str]:
+    """The labels of the recipe options a run (a row) changes from the paper's (RECIPE)."""
+    return [RECIPE_LABEL[k](r.get(k)) for k, v in RECIPE.items()
+            if r.get(k) is not None and r.get(k) == r.get(k) and r.get(k) != v]
+
+
 def variant(df: pd.DataFrame) -> pd.Series:
-    """A run's row label: its method, or dense×N for a dense model with an N-times-wide FFN (Dense×8)."""
+    """A run's row label: its method, or dense×N for a dense model with an N-times-wide FFN (Dense×8), then
+    every recipe option it changes ("dense×8, W2 LR by fan_in")."""
     mult = df["ffn_mult"].fillna(1) if "ffn_mult" in df else pd.Series(1, index=df.index)
-    return df["model"].where(mult == 1, "dense×" + mult.astype(int).astype(str))
+    base = df["model"].where(mult == 1, "dense×" + mult.astype(int).astype(str))
+    return pd.Series([", ".join([b, *off_recipe(r)]) for b, (_, r) in zip(base, df.iterrows())], index=df.index,
+                     dtype=object)
 
 
 def _standard(df: pd.DataFrame, model: str) -> pd.Series:
-    """Runs of `model` at its STANDARD knobs (a knob a run's summary lacks, from before it existed, counts
-    as its default only for lambda_per_layer)."""
-    m = df["model"] == model
+    """Runs of `model` at its STANDARD knobs and the paper's RECIPE (a knob a run's summary lacks, from before
+    it existed, counts as its default only for lambda_per_layer)."""
+    m = (df["model"] == model) & (variant(df) == df["model"])
     for col, value in STANDARD.get(model, {}).items():
         have = df[col] if col in df else pd.Series(None, index=df.index, dtype=object)
         if col == "lambda_per_layer":
