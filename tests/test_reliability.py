@@ -157,7 +157,9 @@ def test_checkpoints_from_before_the_routing_methods_load_and_resume(train, tmp_
 
 def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, tmp_path):
     """alpha is the controller's training knob, not the model: a resume may change it (it was refused as
-    "a different model config" before the routing methods owned their knobs)."""
+    "a different model config" before the routing methods owned their knobs). The optimizer recipe (runs.RECIPE)
+    may not change: the checkpoint's parameter groups are another optimizer's; refused in one line, exit 2,
+    nothing in the folder changed."""
     run = tmp_path / "r"
     base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=4", "size.ckpt_interval=4",
             "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
@@ -168,6 +170,10 @@ def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, tmp_pa
     lam = series(run, "train/lambda")
     ratios = [lam[i + 1] / lam[i] for i in range(4, 7)]
     assert all(r == pytest.approx(2.0, rel=1e-5) or r == pytest.approx(0.5, rel=1e-5) for r in ratios)
+    before = _snapshot(run)
+    p, _ = train(*base, "trainer.max_steps=12", "resume=true", "optim.ffn_down_lr=fan_in", check=False)
+    assert p.returncode == 2 and "optim.ffn_down_lr='same' there, 'fan_in' here" in p.stdout + p.stderr
+    assert _snapshot(run) == before
 
 
 # ---- nothing lost: failed resumes, interrupts, concurrent runs, read-only commands ------------------

@@ -124,8 +124,13 @@ def test_regime_check_needs_each_gap_above_twice_the_larger_std(tmp_path):
         record(tmp_path, f"d_{seed}", "dense", seed, 3.47 + seed / 1000)
         record(tmp_path, f"r_{seed}", "remoe", seed, 3.46 + seed / 1000, lambda_per_layer=False)
         record(tmp_path, f"rl_{seed}", "remoe", seed, 3.50 + seed / 500, lambda_per_layer=True)
+        for model, v, mult in (("dense", 3.48, 8), ("topk", 3.45, 1), ("dense", 3.47, 1)):  # another recipe
+            record(tmp_path, f"fan_{model}{mult}_{seed}", model, seed, v + seed / 1000, ffn_mult=mult,
+                   ffn_down_lr="fan_in")
     text = claims(collect([str(tmp_path)]).runs)
-    regime = text.split("Regime check")[1].split("\n- ")[0]
+    regime = text.split("Regime check —")[1].split("\n- ")[0]  # the paper's recipe: its runs alone
     assert "**holds** (at all 2 gaps)" in regime and "Dense×8 3.4020 ± 0.0010 (n=3) < TopK" in regime
+    fan_in = text.split("Regime check (every run: W2 LR by fan_in) —")[1].split("\n- ")[0]
+    assert "Dense×8 3.4820 ± 0.0010 (n=3) < TopK 3.4520" in fan_in and "**does not hold**" in fan_in
     per_layer = [x for x in text.splitlines() if x.startswith("- Per-layer λ")]
     assert len(per_layer) == 1 and "**does not hold**" in per_layer[0] and "global 3.4620" in per_layer[0]

@@ -19,6 +19,7 @@ from .callbacks import NonFiniteError
 from .model import ModelConfig, RoutingStats, Transformer, build_method
 from .model.config import split_legacy
 from .model.experts import GroupedExperts, SwiGLU
+from .runs import RECIPE
 from .model.stats import expert_share
 
 
@@ -64,10 +65,10 @@ def lr_multiples(model: torch.nn.Module, o: dict) -> dict[int, tuple[torch.nn.Pa
       1/fan-in (Yang et al. 2022, Tensor Programs V), anchored at the paper's 4 d_model FFN, whose W2 keeps
       lr. Why: under one LR an 8x wider FFN's W2 moves its output ~8x as far per step; Dense x8 (lr/8)
       and G=2 experts (2 lr) are the weights it changes; Dense and G=1 experts train exactly as without it."""
-    scale = float(o.get("router_lr_scale", 1.0))
+    scale = float(o.get("router_lr_scale", RECIPE["router_lr_scale"]))
     if not scale > 0:
         raise ValueError(f"optim.router_lr_scale={scale}: must be > 0")
-    rule = o.get("ffn_down_lr", "same")
+    rule = o.get("ffn_down_lr", RECIPE["ffn_down_lr"])
     if rule not in FFN_DOWN_LR:
         raise ValueError(f"optim.ffn_down_lr={rule!r}: must be one of {FFN_DOWN_LR}")
     out = {}

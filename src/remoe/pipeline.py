@@ -30,8 +30,8 @@ from .lit import LitLM, compile_blocks
 from .model import ModelConfig
 from .model.config import split_legacy
 from .loggers import CSVLogger
-from .runs import (SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit, package_versions, read_summary,
-                   write_json_atomic, write_text_atomic)
+from .runs import (RECIPE, SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit, package_versions,
+                   read_summary, write_json_atomic, write_text_atomic)
 from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -108,6 +108,12 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
         raise ConfigError(f"resume: {last} cannot be loaded ({type(e).__name__}: {reason}); nothing in "
                           "the run folder was changed") from None
     _check_arch(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
+    optim = ckpt["hyper_parameters"].get("optim") or {}
+    changed = [f"optim.{k}={optim.get(k, v)!r} there, {cfg.optim.get(k, v)!r} here" for k, v in RECIPE.items()
+               if optim.get(k, v) != cfg.optim.get(k, v)]
+    if changed:  # the optimizer's parameter groups (and their LRs) are the checkpoint's
+        raise ConfigError("resume: the checkpoint was trained with another optimizer recipe: "
+                          + ", ".join(changed))
     return Resume(last, saved, step)
 
 
@@ -226,8 +232,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         if plan.on_gpus(cfg.trainer) and (why := plan.check_fits(the_plan, plan.strategy_of(cfg.trainer))):
             raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
     summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
-                         ffn_mult=mcfg.ffn_mult, router_lr_scale=float(cfg.optim.get("router_lr_scale", 1.0)),
-                         ffn_down_lr=str(cfg.optim.get("ffn_down_lr", "same")),
+                         ffn_mult=mcfg.ffn_mult, **{k: type(v)(cfg.optim.get(k, v)) for k, v in RECIPE.items()},
                          precision=str(cfg.trainer.precision),
                          precision_choice={"requested": requested, **choice}, cpu=cpu,
                          git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,

@@ -46,6 +46,13 @@ def write_text_atomic(path: str, text: str | bytes) -> None:
         raise
 
 
+# The paper's optimizer recipe: the `optim` options that move weights off its one LR (remoe.lit.lr_multiples),
+# at the values that keep it. A record written before an option existed trained at this value; a run off it
+# is a study of its own (the report labels it, remoe.report.tables.variant); a resume may not change it
+# (the optimizer's parameter groups would differ from the checkpoint's).
+RECIPE = {"router_lr_scale": 1.0, "ffn_down_lr": "same"}
+
+
 def _f(default=None, *, identity: bool = False, required: bool = False, key: str | None = None,
        absent=None):
     """A summary field. identity: part of a setting's identity (the report never pools runs that differ in
@@ -77,8 +84,8 @@ class RunSummary:
     lambda0: float | None = _f(identity=True)  # ReMoE
     alpha: float | None = _f(identity=True)  # ReMoE
     lambda_per_layer: bool | None = _f(identity=True)  # ReMoE: one controller per layer
-    router_lr_scale: float | None = _f(identity=True, absent=1.0)  # routers' LR / lr (optim.router_lr_scale)
-    ffn_down_lr: str | None = _f(identity=True, absent="same")  # optim.ffn_down_lr: same (one LR) | fan_in
+    router_lr_scale: float | None = _f(identity=True, absent=RECIPE["router_lr_scale"])  # routers' LR / lr
+    ffn_down_lr: str | None = _f(identity=True, absent=RECIPE["ffn_down_lr"])  # same (one LR) | fan_in
     aux_loss_coef: float | None = _f(identity=True)  # TopK
     warmup_topk: int | None = _f(identity=True)  # TopK near-dense warm-up: k during the first warmup_steps
     warmup_steps: int | None = _f(identity=True)

@@ -21,6 +21,7 @@ from .lit import FFN_DOWN_LR
 from .model import ModelConfig, RoutingMethod, build_method
 from .model.config import ConfigFieldError
 from .model.presets import CONF_DIR
+from .runs import RECIPE
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 GROUPS = ("model", "size", "data", "trainer", "logger", "eval", "hydra")
@@ -164,10 +165,10 @@ def validate(cfg: DictConfig) -> ModelConfig:
         raise ConfigError(f"compile: must be true or false (got {cfg.compile!r})")
     if cfg.optim.get("fused", "auto") not in ("auto", True, False):
         raise ConfigError(f"optim.fused: must be auto, true or false (got {cfg.optim.fused!r})")
-    rls = cfg.optim.get("router_lr_scale", 1.0)
+    rls = cfg.optim.get("router_lr_scale", RECIPE["router_lr_scale"])
     if isinstance(rls, bool) or not isinstance(rls, (int, float)) or not rls > 0:
         raise ConfigError(f"optim.router_lr_scale: must be a number > 0 (got {rls!r})")
-    if cfg.optim.get("ffn_down_lr", "same") not in FFN_DOWN_LR:
+    if cfg.optim.get("ffn_down_lr", RECIPE["ffn_down_lr"]) not in FFN_DOWN_LR:
         raise ConfigError(f"optim.ffn_down_lr: must be one of {', '.join(FFN_DOWN_LR)} (got {cfg.optim.ffn_down_lr!r})")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)

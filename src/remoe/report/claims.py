@@ -8,7 +8,7 @@ import pandas as pd
 
 from .collect import inactive_cells, routing_share
 from .stats import Verdict, all_of, clear_gap, compare, trend
-from .tables import STD, _standard, identity_keys, paper_point, variant
+from .tables import RECIPE, STD, _standard, identity_keys, off_recipe, paper_point, variant
 
 
 def _ms(v: pd.Series, digits: int = 4) -> str:
@@ -103,12 +103,25 @@ def _e8(df: pd.DataFrame, name: str) -> pd.DataFrame:
 
 def _regime(df: pd.DataFrame) -> list[str]:
     """Dense×8 < TopK < Dense (the paper at 182M: 1.873 < 1.936 < 2.042): where capacity does not lower the
-    loss beyond seed noise, ranking routing methods ranks noise."""
+    loss beyond seed noise, ranking routing methods ranks noise. Checked once per optimizer recipe the runs
+    share (tables.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
+    named in its line), never across recipes."""
+    keys = [k for k in RECIPE if k in df]
+    if not keys:
+        return _regime_at(df, [])
+    out = []
+    for _, g in df.groupby(keys, dropna=False, sort=False):
+        out += _regime_at(g.assign(**RECIPE), off_recipe(g.iloc[0]))
+    return out
+
+
+def _regime_at(df: pd.DataFrame, recipe: list[str]) -> list[str]:
     d8, topk, dense = (_e8(df, "dense×8"), _e8(df, "topk"), _e8(df, "dense"))
     if not (len(d8) and len(topk) and len(dense)):
         return []
     a, b = clear_gap(_by_seed(d8), _by_seed(topk)), clear_gap(_by_seed(topk), _by_seed(dense))
-    return [f"- Regime check — Dense×8 < TopK < Dense, as at 182M (1.873 < 1.936 < 2.042): "
+    at = f" (every run: {', '.join(recipe)})" if recipe else ""
+    return [f"- Regime check{at} — Dense×8 < TopK < Dense, as at 182M (1.873 < 1.936 < 2.042): "
             f"{all_of([a, b], 'gaps')}.",
             f"  - Dense×8 {_ms(d8['val_loss'])} < TopK {_ms(topk['val_loss'])}: {a}",
             f"  - TopK {_ms(topk['val_loss'])} < Dense {_ms(dense['val_loss'])}: {b}"]

@@ -9,6 +9,7 @@ import os
 
 import pandas as pd
 
+from ..runs import RECIPE
 from . import paper
 
 # Which lm-eval metric stands for a task in the tables (lm-eval returns acc and acc_norm; the paper's
@@ -52,9 +53,8 @@ def paper_point(df: pd.DataFrame) -> pd.Series:
     return (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)
 
 
-# The paper's optimizer recipe (optim options; runs.RunSummary reads a record without them as these): a run
-# off it is a study of its own, labelled so by variant() and never a method's standard row.
-RECIPE = dict(router_lr_scale=1.0, ffn_down_lr="same")
+# A run off the paper's optimizer recipe (runs.RECIPE) is labelled so by variant() and is never a method's
+# standard row.
 RECIPE_LABEL = dict(router_lr_scale=lambda v: f"router LR ×{_key(v)}", ffn_down_lr=lambda v: f"W2 LR by {v}")
 
 
