@@ -19,8 +19,8 @@ from .callbacks import NonFiniteError
 from .model import ModelConfig, RoutingStats, Transformer, build_method
 from .model.config import split_legacy
 from .model.experts import GroupedExperts, SwiGLU
-from .runs import RECIPE
 from .model.stats import expert_share
+from .runs import RECIPE
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -95,10 +95,11 @@ def build_optimizer(module: torch.nn.Module, o: dict, total: int):
     no_decay = [p for p in module.parameters() if p.ndim < 2 and id(p) not in moved]
     groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     for mult in sorted({m for _, m in moved.values()}):
-        groups.append({"params": [p for p, m in moved.values() if m == mult], "weight_decay": o["weight_decay"],
-                       "lr": o["lr"] * mult})
+        groups.append({"params": [p for p, m in moved.values() if m == mult], "lr": o["lr"] * mult,
+                       "weight_decay": o["weight_decay"]})
+    every = decay + no_decay + [p for p, _ in moved.values()]
     opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-                            **adamw_impl(o.get("fused", "auto"), decay + no_decay + [p for p, _ in moved.values()]))
+                            **adamw_impl(o.get("fused", "auto"), every))
     warmup = max(1, round(o["warmup"] * total) if o["warmup"] < 1 else int(o["warmup"]))
     min_ratio = o["min_lr"] / o["lr"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, warmup, total, min_ratio))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..runs import RECIPE
 from .collect import inactive_cells, routing_share
 from .stats import Verdict, all_of, clear_gap, compare, trend
-from .tables import RECIPE, STD, _standard, identity_keys, off_recipe, paper_point, variant
+from .tables import STD, _standard, identity_keys, off_recipe, paper_point, variant
 
 
 def _ms(v: pd.Series, digits: int = 4) -> str:
@@ -104,7 +105,7 @@ def _e8(df: pd.DataFrame, name: str) -> pd.DataFrame:
 def _regime(df: pd.DataFrame) -> list[str]:
     """Dense×8 < TopK < Dense (the paper at 182M: 1.873 < 1.936 < 2.042): where capacity does not lower the
     loss beyond seed noise, ranking routing methods ranks noise. Checked once per optimizer recipe the runs
-    share (tables.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
+    share (runs.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
     named in its line), never across recipes."""
     keys = [k for k in RECIPE if k in df]
     if not keys:

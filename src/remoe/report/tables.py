@@ -69,8 +69,8 @@ def variant(df: pd.DataFrame) -> pd.Series:
     every recipe option it changes ("dense×8, W2 LR by fan_in")."""
     mult = df["ffn_mult"].fillna(1) if "ffn_mult" in df else pd.Series(1, index=df.index)
     base = df["model"].where(mult == 1, "dense×" + mult.astype(int).astype(str))
-    return pd.Series([", ".join([b, *off_recipe(r)]) for b, (_, r) in zip(base, df.iterrows())], index=df.index,
-                     dtype=object)
+    labels = [", ".join([b, *off_recipe(r)]) for b, (_, r) in zip(base, df.iterrows())]
+    return pd.Series(labels, index=df.index, dtype=object)
 
 
 def _standard(df: pd.DataFrame, model: str) -> pd.Series:
