@@ -14,14 +14,6 @@ FAST = ["trainer.max_steps=6", "size.val_interval=3", "size.val_batches=2", "siz
         "trainer.enable_progress_bar=false"]
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (pyproject: -n 2 --dist loadgroup) one worker runs a whole file, so a module-scoped
-    fixture is built once; the files that share the session's tiny_sweep form one group, so it is built once."""
-    sweep_files = {item.path for item in items if "tiny_sweep" in getattr(item, "fixturenames", ())}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("tiny_sweep" if item.path in sweep_files else item.path.stem))
-
-
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One tokenizer/packed-data cache for the whole session (built by the first run)."""
