@@ -31,7 +31,12 @@ def main() -> None:
         if not os.path.isdir(src):
             print(f"report: no such folder {src!r}", file=sys.stderr)
             sys.exit(2)
-        print(f"{len(keep_records(src, dest))} run records copied to {dest}")
+        try:
+            written = keep_records(src, dest)
+        except ValueError as e:
+            print(f"report: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"{len(written)} run records copied to {dest}")
         return
     missing = [r for r in a.runs if not os.path.isdir(r)]
     if missing or (a.notes and not os.path.isfile(a.notes)):

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The CPU replication (issue 20), in stages that can run over several sittings: rerunning a stage skips
-# its completed runs and resumes cut ones from their last.ckpt. Every run trains at size=study
-# (conf/size/study.yaml) and is evaluated offline (eval=local); seeds are paired (the same seed gives
-# every method the same batches). Run every stage from ONE commit (the records say which).
+# its completed runs and resumes cut ones from their last.ckpt. Every run trains at size=study4k
+# (conf/size/study4k.yaml: the tiny architecture, 4,000 steps = four passes over the stdlib corpus, each
+# FFN's W2 at lr x 4d / its width) and is evaluated offline (eval=local); seeds are paired (the same seed
+# gives every method the same batches). Run every stage from ONE commit (the records say which).
 #
 #   bash sweeps/replicate_cpu.sh [stage ...]      # default: every stage, in this order
 #
 #   stage        runs  what                                                                 ~time*
-#   methods        21  dense, Dense x8, hash, EC, TopK, aux-free, ReMoE x seeds 1-3 (E=8)    55 min
-#   experts        18  TopK, ReMoE x E=4,16,32 x seeds 1-3                                   55 min
-#   granularity    12  TopK, ReMoE x G=2,4 x seeds 1-3                                       30 min
-#   lb              6  TopK without aux loss, ReMoE with plain L1 x seeds 1-3                 15 min
-#   per_layer       3  ReMoE with one lambda controller per layer x seeds 1-3                 8 min
-#   sensitivity     8  ReMoE x lambda0 = 1e-16,1e-12,1e-4,1 and alpha = 1.05,1.1,1.3,1.5      20 min
+#   methods        21  dense, Dense x8, hash, EC, TopK, aux-free, ReMoE x seeds 1-3 (E=8)    3.4 h
+#   experts        18  TopK, ReMoE x E=4,16,32 x seeds 1-3                                   2.2 h
+#   granularity    12  TopK, ReMoE x G=2,4 x seeds 1-3                                       1.6 h
+#   lb              6  TopK without aux loss, ReMoE with plain L1 x seeds 1-3                 45 min
+#   per_layer       3  ReMoE with one lambda controller per layer x seeds 1-3                 22 min
+#   sensitivity     8  ReMoE x lambda0 = 1e-16,1e-12,1e-4,1 and alpha = 1.05,1.1,1.3,1.5      1 h
 #   records         -  copy the compact records to reports/runs/, then the report into reports/
-#   * on an otherwise idle 2-core CPU (README "CPU replication"); E=8 / G=1 / LB on / lambda0=1e-8 /
-#     alpha=1.2 / global lambda are the methods stage's runs, not run again.
+#   * on an otherwise idle 2-core CPU: 4x the same runs at 1,000 steps (size=study, the replication
+#     committed before, 2.45 h in all) and the regime search's 4,000-step runs (README "CPU replication");
+#     ~9.2 h in all. E=8 / G=1 / LB on / lambda0=1e-8 / alpha=1.2 / global lambda are the methods
+#     stage's runs, not run again. The records stage refuses (exit 2) while reports/runs holds records of
+#     another setting under the same names (the size=study replication's): move those first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"

@@ -200,7 +200,7 @@ def test_a_resume_that_cannot_load_its_checkpoint_changes_nothing(train, tmp_pat
     assert read_summary(run)["status"] == "completed"
 
 
-def test_a_failed_attempt_never_replaces_a_completed_record(train, tmp_path):
+def test_a_failed_attempt_never_replaces_a_completed_record_nor_a_skip_another_setting(train, tmp_path):
     run = tmp_path / "r"
     base = ["logger=csv", "eval=none", "size.val_interval=2", "size.val_batches=2",
             "trainer.enable_progress_bar=false", f"hydra.run.dir={run}", "trainer.gradient_clip_val=null"]
@@ -212,6 +212,14 @@ def test_a_failed_attempt_never_replaces_a_completed_record(train, tmp_path):
     assert read_summary(run) == done  # still completed, with its val_loss, steps and lambda
     [attempt] = (run / "attempts").glob("*-failed.json")
     assert "non-finite" in json.loads(attempt.read_text())["error"]
+    # skip_completed skips the same setting, and refuses another one in the folder (a sweep file changed, its
+    # folder names did not): one line, exit 2, the record as it was
+    p, _ = train(*base, "trainer.max_steps=4", "skip_completed=true")
+    assert "is already complete" in p.stdout + p.stderr and read_summary(run) == done
+    p, _ = train(*base, "trainer.max_steps=4", "skip_completed=true", "size.lr=1e-3", check=False)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if "config error" in line]
+    assert p.returncode == 2 and len(errors) == 1 and read_summary(run) == done
+    assert "optim.lr: 0.002 there, 0.001 here" in errors[0] and "size.lr" in errors[0]
 
 
 def test_csv_metrics_survive_a_resume_and_a_cut_last_line(tmp_path):

@@ -232,6 +232,14 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "src" / "report.py"), "--keep-records", str(tmp_path / "nope"),
                         str(tmp_path / "x")], capture_output=True, text=True)
     assert p.returncode == 2 and "no such folder" in p.stderr and not (tmp_path / "x").exists()
+    # a kept record of another setting under the same name (e.g. a study at more steps): refused, nothing copied
+    cfg = Path(kept[0]) / "config_resolved.yaml"
+    cfg.write_text(cfg.read_text().replace("  max_steps: 6\n", "  max_steps: 60\n"))
+    shutil.rmtree(kept[1])
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "report.py"), "--keep-records", str(src),
+                        str(tmp_path / "records")], capture_output=True, text=True)
+    assert p.returncode == 2 and "record of another setting (trainer.max_steps: 60 there, 6 here" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not Path(kept[1]).exists()
 
 
 def test_committed_report_regenerates_from_committed_records(tmp_path):

@@ -134,3 +134,26 @@ def test_regime_check_needs_each_gap_above_twice_the_larger_std(tmp_path):
     assert "Dense×8 3.4820 ± 0.0010 (n=3) < TopK 3.4520" in fan_in and "**does not hold**" in fan_in
     per_layer = [x for x in text.splitlines() if x.startswith("- Per-layer λ")]
     assert len(per_layer) == 1 and "**does not hold**" in per_layer[0] and "global 3.4620" in per_layer[0]
+
+
+def test_a_study_off_the_recipe_throughout_is_compared_within_its_recipe(tmp_path):
+    """size=study4k trains every run at W2 LR by fan_in: the index says so once, and the claims and tables
+    read its runs as standard (before, no run was any method's standard row: every claim was empty)."""
+    for seed in (1, 2, 3):
+        for name, model, v, kw in (("d8", "dense", 3.29, dict(ffn_mult=8)), ("t", "topk", 3.33, {}),
+                                   ("d", "dense", 3.39, {}), ("r", "remoe", 3.36, {}),
+                                   ("t16", "topk", 3.31, dict(experts=16)), ("r16", "remoe", 3.30, dict(experts=16))):
+            record(tmp_path / "runs", f"{name}_{seed}", model, seed, v + seed / 1000, ffn_down_lr="fan_in", **kw)
+    build_report([str(tmp_path / "runs")], str(tmp_path / "rep"))
+    index = (tmp_path / "rep" / "README.md").read_text()
+    assert index.count("Every run here trains off the paper's optimizer recipe, the same way: W2 LR by fan_in") == 1
+    assert "- Regime check — Dense×8 < TopK < Dense" in index and "Dense×8 3.2920 ± 0.0010 (n=3)" in index
+    assert "experts=16: topk 3.3120 ± 0.0010 (n=3), remoe 3.3020 ± 0.0010 (n=3)" in index
+    methods = pd.read_csv(tmp_path / "rep" / "tables" / "routing_methods.csv")
+    assert {"dense", "dense×8", "topk", "remoe"} <= set(methods["model"])
+    # one run at the paper's recipe among them: the paper's is the standard again, fan_in runs are labelled
+    record(tmp_path / "runs", "paper_t", "topk", 1, 3.40)
+    build_report([str(tmp_path / "runs")], str(tmp_path / "rep2"))
+    index = (tmp_path / "rep2" / "README.md").read_text()
+    assert "Every run here trains off" not in index and "Regime check (every run: W2 LR by fan_in)" in index
+

@@ -30,8 +30,10 @@ def test_sweep_composes_and_every_point_validates(sweep):
         cfg = compose("config", overrides=[f"+sweep={sweep}"], return_hydra_config=True)
         params = cfg.hydra.sweeper.params
         assert params and cfg.skip_completed and cfg.resume
-        assert cfg.size.name == ("study" if sweep.startswith("cpu") else "182m") or \
-            "scale_size" in sweep
+        scale = "182m" if sweep.startswith("paper") else "study" if "topk_warmup" in sweep else "study4k"
+        assert cfg.size.name == scale or "scale_size" in sweep
+        if cfg.size.name == "study4k":  # the replication's one scale carries its recipe (the W2 LR rule)
+            assert cfg.optim.ffn_down_lr == "fan_in" and cfg.trainer.max_steps == 4000
         grid = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
         for point in itertools.product(*grid):
             extra = ["eval=none"] if sweep.startswith("paper") else []  # the paper suite needs the hub

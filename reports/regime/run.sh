@@ -15,7 +15,7 @@ declare -A SETTINGS=(
   # optim.ffn_down_lr=fan_in: each FFN's W2 at lr x 4d / fan-in (Dense x8's at lr/8; Dense and TopK exactly as without)
   [tiny1k_fanin]="size=tiny trainer.max_steps=1000 size.warmup=120 optim.ffn_down_lr=fan_in"
   [tiny2k_fanin]="size=tiny trainer.max_steps=2000 size.warmup=120 optim.ffn_down_lr=fan_in"  # two epochs
-  [tiny4k_fanin]="size=tiny trainer.max_steps=4000 size.warmup=120 optim.ffn_down_lr=fan_in"  # four epochs
+  [tiny4k_fanin]="size=tiny trainer.max_steps=4000 size.warmup=120 optim.ffn_down_lr=fan_in"  # four epochs: passes (size=study4k)
   [tiny_d128_fanin]="size=tiny size.arch.d_model=128 trainer.max_steps=1000 size.warmup=120 optim.ffn_down_lr=fan_in"
 )
 SETTING=$1; shift

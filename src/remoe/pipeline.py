@@ -8,6 +8,7 @@ evaluation starts.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from .model import ModelConfig
 from .model.config import split_legacy
 from .loggers import CSVLogger
 from .runs import (RECIPE, SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit, package_versions,
-                   read_summary, write_json_atomic, write_text_atomic)
+                   read_summary, training_changes, write_json_atomic, write_text_atomic)
 from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -51,9 +52,13 @@ def needs_own_process(cfg: DictConfig) -> bool:
 
 def run(cfg: DictConfig, run_dir: str) -> dict:
     """One grid point: in this process, or (multirun + DDP) in a child `train.py` with the same overrides.
-    With skip_completed, a run directory that already holds a completed summary is not trained again."""
+    With skip_completed, a run directory that already holds a completed summary is not trained again; one
+    whose completed run trained another setting is refused (ConfigError), never reported as this one."""
     done = read_summary(run_dir)
     if cfg.get("skip_completed") and done and done.get("status") == "completed":
+        if changes := _changes_since(cfg, run_dir):  # e.g. a sweep file's scale changed, same folder names
+            raise ConfigError(f"skip_completed: {run_dir} holds a completed run of another setting "
+                              f"({'; '.join(changes)}); train it in another folder (REMOE_OUTPUT or hydra.run.dir)")
         log.info("skip_completed: %s is already complete", run_dir)
         return done
     if not needs_own_process(cfg):
@@ -72,6 +77,17 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"grid point {overrides} failed with exit code {proc.returncode}; see {run_dir}")
     return summary
+
+
+def _changes_since(cfg: DictConfig, run_dir: str) -> list[str]:
+    """How this config trains differently from the run folder's completed run (runs.training_changes)."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config_resolved.yaml")))
+    except FileNotFoundError:
+        return []  # a record without its config: nothing to compare
+    here = copy.deepcopy(cfg)
+    derive(here)  # as the saved config was written (the derived micro-batch)
+    return training_changes(saved, OmegaConf.to_container(here, resolve=True))
 
 
 def _check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:

@@ -52,6 +52,38 @@ def write_text_atomic(path: str, text: str | bytes) -> None:
 # (the optimizer's parameter groups would differ from the checkpoint's).
 RECIPE = {"router_lr_scale": 1.0, "ffn_down_lr": "same"}
 
+# The config sections that decide what a run trains (and so its numbers); logging, evaluation, paths and
+# speed-only knobs (compile, moe_recompute_above: same losses) are not among them.
+TRAINING_KEYS = ("model", "size", "data", "optim", "experts", "topk", "granularity", "seed", "load_balancing",
+                 "trainer.max_steps")
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def training_changes(saved: dict, cfg: dict) -> list[str]:
+    """'key: A there, B here' for each TRAINING_KEYS leaf where a run folder's config_resolved.yaml (saved)
+    and this config (both resolved to plain dicts) differ. A leaf only one side has is an option added or
+    removed since (not a change), except the RECIPE options: absent there means the paper's value."""
+    def flat(c: dict) -> dict:
+        out = {}
+        for key in TRAINING_KEYS:
+            node = c
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                out.update(_leaves(node, f"{key}.") if isinstance(node, dict) else {key: node})
+        return out
+
+    a, b = flat(saved), flat(cfg)
+    for k, v in RECIPE.items():
+        a.setdefault(f"optim.{k}", v)
+        b.setdefault(f"optim.{k}", v)
+    return [f"{k}: {a[k]!r} there, {b[k]!r} here" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
 
 def _f(default=None, *, identity: bool = False, required: bool = False, key: str | None = None,
        absent=None):
@@ -177,18 +209,30 @@ def read_summary(run_dir: str) -> dict | None:
 
 def keep_records(src_root: str, dest_root: str) -> list[str]:
     """Copy the compact record (RECORD_FILES) of every COMPLETED run under src_root to the same relative
-    folder under dest_root. A record already there is left as it is (never overwritten); a run that is
-    not completed is not copied. Returns the folders written."""
+    folder under dest_root. A record already there is left as it is (never overwritten); one that trained
+    another setting (training_changes) is a ValueError before anything is copied: records of two studies
+    never mix under one name. A run that is not completed is not copied. Returns the folders written."""
     import shutil
 
-    written = []
+    from omegaconf import OmegaConf
+
+    todo = []
     for dirpath, _, files in sorted(os.walk(src_root)):
         s = read_summary(dirpath) if SUMMARY in files else None
         if not s or s.get("status") != "completed":
             continue
         dest = os.path.join(dest_root, os.path.relpath(dirpath, src_root))
-        if os.path.exists(os.path.join(dest, SUMMARY)):
+        if not os.path.exists(os.path.join(dest, SUMMARY)):
+            todo.append((dirpath, files, dest))
             continue
+        configs = [os.path.join(d, "config_resolved.yaml") for d in (dest, dirpath)]
+        if all(os.path.exists(c) for c in configs):
+            there, here = (OmegaConf.to_container(OmegaConf.load(c)) for c in configs)
+            if changes := training_changes(there, here):
+                raise ValueError(f"{dest} holds a record of another setting ({changes[0]}; "
+                                 f"{len(changes)} difference(s)): keep these records under another folder")
+    written = []
+    for dirpath, files, dest in todo:
         os.makedirs(dest, exist_ok=True)
         for name in RECORD_FILES[1:]:
             if name in files:

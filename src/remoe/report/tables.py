@@ -64,6 +64,14 @@ def off_recipe(r) -> list[str]:
             if r.get(k) is not None and r.get(k) == r.get(k) and r.get(k) != v]
 
 
+def shared_recipe(df: pd.DataFrame) -> list[str]:
+    """off_recipe's labels when EVERY run leaves the paper's recipe the same way (a study with its own
+    recipe throughout, e.g. size=study4k's W2 LR by fan_in); [] when any run trains at the paper's, or
+    runs differ."""
+    labels = {tuple(off_recipe(r)) for _, r in df.iterrows()}
+    return list(labels.pop()) if len(labels) == 1 else []
+
+
 def variant(df: pd.DataFrame) -> pd.Series:
     """A run's row label: its method, or dense×N for a dense model with an N-times-wide FFN (Dense×8), then
     every recipe option it changes ("dense×8, W2 LR by fan_in")."""
