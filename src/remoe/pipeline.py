@@ -32,7 +32,7 @@ from .model import ModelConfig
 from .model.config import split_legacy
 from .loggers import CSVLogger
 from .runs import (RECIPE, SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit, package_versions,
-                   read_summary, training_changes, write_json_atomic, write_text_atomic)
+                   read_config, read_summary, training_changes, write_json_atomic, write_text_atomic)
 from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -81,9 +81,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 
 def _changes_since(cfg: DictConfig, run_dir: str) -> list[str]:
     """How this config trains differently from the run folder's completed run (runs.training_changes)."""
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config_resolved.yaml")))
-    except FileNotFoundError:
+    if (saved := read_config(run_dir)) is None:
         return []  # a record without its config: nothing to compare
     here = copy.deepcopy(cfg)
     derive(here)  # as the saved config was written (the derived micro-batch)

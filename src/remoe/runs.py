@@ -75,7 +75,7 @@ def training_changes(saved: dict, cfg: dict) -> list[str]:
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             if node is not None:
-                out.update(_leaves(node, f"{key}.") if isinstance(node, dict) else {key: node})
+                out.update(_leaves(node, f"{key}."))
         return out
 
     a, b = flat(saved), flat(cfg)
@@ -207,14 +207,22 @@ def read_summary(run_dir: str) -> dict | None:
         return None
 
 
+def read_config(run_dir: str) -> dict | None:
+    """A run folder's config_resolved.yaml as a plain dict; None where there is none."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config_resolved.yaml")))
+    except FileNotFoundError:
+        return None
+
+
 def keep_records(src_root: str, dest_root: str) -> list[str]:
     """Copy the compact record (RECORD_FILES) of every COMPLETED run under src_root to the same relative
     folder under dest_root. A record already there is left as it is (never overwritten); one that trained
     another setting (training_changes) is a ValueError before anything is copied: records of two studies
     never mix under one name. A run that is not completed is not copied. Returns the folders written."""
     import shutil
-
-    from omegaconf import OmegaConf
 
     todo = []
     for dirpath, _, files in sorted(os.walk(src_root)):
@@ -225,9 +233,8 @@ def keep_records(src_root: str, dest_root: str) -> list[str]:
         if not os.path.exists(os.path.join(dest, SUMMARY)):
             todo.append((dirpath, files, dest))
             continue
-        configs = [os.path.join(d, "config_resolved.yaml") for d in (dest, dirpath)]
-        if all(os.path.exists(c) for c in configs):
-            there, here = (OmegaConf.to_container(OmegaConf.load(c)) for c in configs)
+        there, here = read_config(dest), read_config(dirpath)
+        if there is not None and here is not None:
             if changes := training_changes(there, here):
                 raise ValueError(f"{dest} holds a record of another setting ({changes[0]}; "
                                  f"{len(changes)} difference(s)): keep these records under another folder")

@@ -54,7 +54,7 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
                 bench.extend(rows.get("rows", []) if isinstance(rows, dict) else rows)
             except (OSError, ValueError) as e:
                 col.skipped.append((p, f"corrupt bench JSON ({type(e).__name__})"))
-    made_tables, made_figs = {}, []
+    made_tables, made_figs, study_recipe = {}, [], []
     if len(df):
         # the same configuration and seed run by two sweeps is one sample, not two
         ident = RunSummary.keys(identity=True)
@@ -88,7 +88,7 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
     from .claims import claims
 
     index = _index(df, col.skipped, made_tables, made_figs, roots, out_dir, notes,
-                   claims(df) if len(df) else "", study_recipe if len(df) else [])
+                   claims(df) if len(df) else "", study_recipe)
     write_text_atomic(os.path.join(out_dir, "README.md"), index)
     return {"runs": len(df), "skipped": col.skipped, "tables": sorted(made_tables), "figures": made_figs}
 
