@@ -5,9 +5,12 @@
 # FFN's W2 at lr x 4d / its width) and is evaluated offline (eval=local); seeds are paired (the same seed
 # gives every method the same batches). Run every stage from ONE commit (the records say which).
 #
-#   bash sweeps/replicate_cpu.sh [stage ...]      # default: every stage, in this order
+#   bash sweeps/replicate_cpu.sh [stage ...]      # default: every stage but restore, in this order
+#   bash sweeps/replicate_cpu.sh restore methods  # on a fresh machine: the committed records first
 #
 #   stage        runs  what                                                                 ~time*
+#   restore         -  copy committed compact records (REMOE_RECORDS, default reports/runs) back into
+#                      $REMOE_OUTPUT/sweeps, so that on a fresh machine the stages skip runs already done
 #   methods        21  dense, Dense x8, hash, EC, TopK, aux-free, ReMoE x seeds 1-3 (E=8)    3.4 h
 #   experts        18  TopK, ReMoE x E=4,16,32 x seeds 1-3                                   2.2 h
 #   granularity    12  TopK, ReMoE x G=2,4 x seeds 1-3                                       1.6 h
@@ -24,6 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"
 # the committed report's command (tests/test_report.py regenerates reports/ with these arguments)
+RECORDS="${REMOE_RECORDS:-reports/runs}"  # where the compact records are committed
 REPORT_ARGS="--runs reports/runs --notes sweeps/cpu_notes.md --bench reports/bench/bench_*.json"
 status=0
 run() { python src/train.py -m report_on_multirun_end=false trainer.enable_progress_bar=false "$@" || status=1; }
@@ -35,13 +39,14 @@ stage() {
     lb) run +sweep=cpu/lb_ablation ;;
     per_layer) run +sweep=cpu/lambda_per_layer ;;
     sensitivity) run +sweep=cpu/lambda0; run +sweep=cpu/alpha ;;
-    records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" reports/runs || status=1
+    restore) python src/report.py --keep-records "$RECORDS" "$REMOE_OUTPUT/sweeps" || status=1 ;;
+    records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" "$RECORDS" || status=1
              python src/report.py $REPORT_ARGS --out reports || status=1 ;;
   esac
 }
 STAGES="methods experts granularity lb per_layer sensitivity records"
-for s in ${@:-$STAGES}; do  # every name checked before anything runs
-  [[ " $STAGES " == *" $s "* ]] || { echo "replicate_cpu.sh: no stage '$s' ($STAGES)" >&2; exit 2; }
+for s in "$@"; do  # every name checked before anything runs
+  [[ " restore $STAGES " == *" $s "* ]] || { echo "replicate_cpu.sh: no stage '$s' (restore $STAGES)" >&2; exit 2; }
 done
 for s in ${@:-$STAGES}; do stage "$s"; done
 exit $status

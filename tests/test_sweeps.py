@@ -3,6 +3,8 @@ a failing run records it, finishes the others, and a rerun skips what completed.
 
 import glob
 import itertools
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import FAST, ROOT
 from remoe.settings import register_resolvers, validate
-from remoe.runs import read_summary
+from remoe.runs import keep_records, read_summary
 
 register_resolvers()
 SWEEPS = sorted(f"{p.parent.name}/{p.stem}" for p in (ROOT / "sweeps").glob("*/*.yaml"))
@@ -63,3 +65,16 @@ def test_failing_run_is_recorded_and_rerun_skips_completed(train, tmp_path):
     [done2] = [r for r in again.values() if r["status"] == "completed"]
     assert done2["wall_time_s"] == finished_at  # untouched
     assert "skip_completed" in p2.stdout + p2.stderr
+    # a fresh machine (issue 20's replication spans sittings): the committed compact records, restored by
+    # `replicate_cpu.sh restore`, are skipped the same way; only the failed point trains again
+    assert len(keep_records(str(out / "sweeps"), str(tmp_path / "records"))) == 1
+    fresh = tmp_path / "fresh"
+    r = subprocess.run(["bash", str(ROOT / "sweeps" / "replicate_cpu.sh"), "restore"], capture_output=True, text=True,
+                       env={**os.environ, "REMOE_RECORDS": str(tmp_path / "records"), "REMOE_OUTPUT": str(fresh)})
+    assert r.returncode == 0, r.stderr
+    p3, _ = train(*args, out=fresh, check=False)
+    assert p3.returncode != 0 and "is already complete" in p3.stdout + p3.stderr
+    kept = {Path(s).parent.name: read_summary(Path(s).parent)
+            for s in glob.glob(str(fresh / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
+    assert sorted(r["status"] for r in kept.values()) == ["completed", "failed"]
+    assert [r["wall_time_s"] for r in kept.values() if r["status"] == "completed"] == [finished_at]
