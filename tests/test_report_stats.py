@@ -88,13 +88,17 @@ def test_a_fair_share_expert_of_32_is_not_inactive(tmp_path):
 def test_the_index_states_the_rules_and_each_tables_commits(tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):
-        record(runs, f"t{seed}", "topk", seed, 4.6 + seed / 100)
-        record(runs, f"r{seed}", "remoe", seed, 4.5 + seed / 100, git_commit="1" * 40 + "-dirty")
+        record(runs, f"t{seed}", "topk", seed, 4.6 + seed / 100, cpu={"model": "AMD EPYC", "flags": []})
+        record(runs, f"r{seed}", "remoe", seed, 4.5 + seed / 100, git_commit="1" * 40 + "-dirty",
+               cpu={"model": "Intel(R) Xeon(R) Processor" if seed == 2 else "AMD EPYC", "flags": []})
         record(runs, f"d{seed}", "dense", seed, 4.55, experts=None, topk=None, granularity=None)
     build_report([str(runs)], str(tmp_path / "rep"))
     index = (tmp_path / "rep" / "README.md").read_text()
     assert "How verdicts are decided" in index and "Welch" in index
-    assert "trained at commit(s) 000000000000 (4), 111111111111-dirty (2)" in index
+    # the machines too: a routed run at one seed takes another path on another CPU's float kernels
+    assert ("trained at commit(s) 000000000000 (4), 111111111111-dirty (2) on AMD EPYC (3), "
+            "Intel(R) Xeon(R) Processor (1), unknown (2);") in index
+    assert index.count("**Trained on different CPUs") == 1  # the routing-methods table only
     assert "cannot be checked here" in index
 
 

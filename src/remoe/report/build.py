@@ -170,7 +170,11 @@ def provenance(df, runs: list[str]) -> str:
     same_batches = differs is False and sel["corpus"].nunique(dropna=False) == 1
     batches = ("runs at the same seed saw the same batches" if same_batches else
                "same-seed runs are not known to have seen the same batches")
-    return f"Runs: {len(sel)}, trained at commit(s) {names}; {note}; {batches}."
+    cpus = [c if isinstance(c, str) else None for c in sel["cpu_model"]]
+    machines = ", ".join(f"{m or 'unknown'} ({cpus.count(m)})" for m in sorted(set(cpus), key=str))
+    mixed = (" **Trained on different CPUs: their float kernels round differently, and a routed model's run "
+             "takes another path at the same seed (README: Reproducibility).**" if len(set(cpus)) > 1 else "")
+    return f"Runs: {len(sel)}, trained at commit(s) {names} on {machines}; {note}; {batches}.{mixed}"
 
 
 def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md="", study_recipe=()) -> str:
