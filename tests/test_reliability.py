@@ -407,7 +407,9 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
     assert is_sharded(str(ckpt)) and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
     (fs, _, hp), (dd, _, _) = (load_checkpoint(str(runs[k] / "checkpoints" / "last.ckpt")) for k in ("fsdp", "ddp"))
     for (name, x), y in zip(fs.state_dict().items(), dd.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+        # atol 1e-5: FSDP reduce-scatters where DDP all-reduces; on an Intel Xeon (AMX) one embedding entry of
+        # 262,144 differed by 2.3e-6 after 20 Adam steps (a near-zero gradient's update); a wrong shard: ~1e-2
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert (runs["fsdp"] / "routing_analysis.json").exists()  # rank 0 analysed the gathered model
     # SIGKILL the job (both ranks) after a checkpoint, resume from the shards
     q = launch(runs["cut"], "fsdp")
