@@ -26,8 +26,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"
+RECORDS="${REMOE_RECORDS:-reports/runs}"  # restore's source: where compact records are committed
 # the committed report's command (tests/test_report.py regenerates reports/ with these arguments)
-RECORDS="${REMOE_RECORDS:-reports/runs}"  # where the compact records are committed
 REPORT_ARGS="--runs reports/runs --notes sweeps/cpu_notes.md --bench reports/bench/bench_*.json"
 status=0
 run() { python src/train.py -m report_on_multirun_end=false trainer.enable_progress_bar=false "$@" || status=1; }
@@ -40,7 +40,7 @@ stage() {
     per_layer) run +sweep=cpu/lambda_per_layer ;;
     sensitivity) run +sweep=cpu/lambda0; run +sweep=cpu/alpha ;;
     restore) python src/report.py --keep-records "$RECORDS" "$REMOE_OUTPUT/sweeps" || status=1 ;;
-    records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" "$RECORDS" || status=1
+    records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" reports/runs || status=1
              python src/report.py $REPORT_ARGS --out reports || status=1 ;;
   esac
 }

@@ -49,10 +49,11 @@ def test_failing_run_is_recorded_and_rerun_skips_completed(train, tmp_path):
     args = ["-m", "+sweep=cpu/routing_methods", "hydra.sweeper.params.seed=1", "hydra.sweeper.params.model=topk",
             "size.lr=2.0e-3,1.0e30", "trainer.gradient_clip_val=null", "eval=none", "report_on_multirun_end=false",
             *FAST]  # lr 1e30: a run that fails in training (non-finite loss), after validation
+    summaries = lambda root: {Path(s).parent.name: read_summary(Path(s).parent)  # noqa: E731
+                              for s in glob.glob(str(root / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
     p, out = train(*args, check=False)
     assert p.returncode != 0  # Hydra re-raises the first failure after the other jobs ran
-    runs = {Path(s).parent.name: read_summary(Path(s).parent)
-            for s in glob.glob(str(out / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
+    runs = summaries(out)
     assert len(runs) == 2
     failed = [r for r in runs.values() if r["status"] == "failed"]
     done = [r for r in runs.values() if r["status"] == "completed"]
@@ -60,8 +61,7 @@ def test_failing_run_is_recorded_and_rerun_skips_completed(train, tmp_path):
     finished_at = done[0]["wall_time_s"]
     p2, _ = train(*args, check=False)  # rerun: the completed point is skipped, the failed one retried
     assert p2.returncode != 0
-    again = {Path(s).parent.name: read_summary(Path(s).parent)
-             for s in glob.glob(str(out / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
+    again = summaries(out)
     [done2] = [r for r in again.values() if r["status"] == "completed"]
     assert done2["wall_time_s"] == finished_at  # untouched
     assert "skip_completed" in p2.stdout + p2.stderr
@@ -74,7 +74,6 @@ def test_failing_run_is_recorded_and_rerun_skips_completed(train, tmp_path):
     assert r.returncode == 0, r.stderr
     p3, _ = train(*args, out=fresh, check=False)
     assert p3.returncode != 0 and "is already complete" in p3.stdout + p3.stderr
-    kept = {Path(s).parent.name: read_summary(Path(s).parent)
-            for s in glob.glob(str(fresh / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
+    kept = summaries(fresh)
     assert sorted(r["status"] for r in kept.values()) == ["completed", "failed"]
     assert [r["wall_time_s"] for r in kept.values() if r["status"] == "completed"] == [finished_at]
