@@ -142,7 +142,7 @@ def test_training_stores_local_suite_results(trained):
     assert 0 <= cl["acc"] <= 1 and math.isfinite(cl["perplexity"]) and cl["perplexity"] > 1
     full = json.loads((run / "lm_eval_results.json").read_text())
     assert full["results"]["remoe_choice"]["acc,none"] == ch["acc"]
-    assert s["downstream_meta"]["suite"] == "local"
+    assert s["downstream_meta"]["suite"] == "local" and s["downstream_meta"]["source"] == "training"
 
 
 def test_checkpoint_is_self_contained(trained):
@@ -163,6 +163,39 @@ def test_standalone_evaluate_matches_training_eval(trained, tmp_path):
     after = read_summary(run)["downstream"]
     for task in before:  # same weights, same tasks, fp32 both times
         assert after[task]["acc"] == before[task]["acc"]
+
+
+def test_a_run_stopped_during_evaluation_is_evaluated_by_skip_completed_not_retrained(trained, tmp_path):
+    """summary.json (completed) is on disk before evaluation starts; a process stopped during evaluation
+    leaves it without `downstream` and wall_time_s. A rerun with skip_completed evaluates the final
+    checkpoint: the same numbers as the in-training evaluation, nothing trained again."""
+    import shutil
+
+    run, env = trained
+    original = read_summary(run)
+    stopped = tmp_path / "run"
+    shutil.copytree(run, stopped)
+    cut = {k: v for k, v in original.items() if k not in ("downstream", "downstream_meta")}
+    (stopped / "summary.json").write_text(json.dumps({**cut, "wall_time_s": None}))
+    (stopped / "lm_eval_results.json").unlink()
+    metrics = (stopped / "metrics.csv").read_text()
+    args = [sys.executable, str(ROOT / "src" / "train.py"), *FAST, "trainer.max_steps=30", "logger=csv",
+            "eval.n_docs=60", "skip_completed=true", f"hydra.run.dir={stopped}"]
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "evaluating its final checkpoint (step 30)" in p.stdout + p.stderr
+    after = read_summary(stopped)
+    assert after["downstream"] == original["downstream"]  # same weights, tasks and seed, fp32 both times
+    assert after["downstream_meta"]["source"] == str(stopped / "checkpoints" / "last.ckpt")
+    assert {k: v for k, v in after.items() if k not in ("downstream", "downstream_meta")} == \
+        {**cut, "wall_time_s": None}  # the training record as it was: not trained again
+    assert (stopped / "metrics.csv").read_text() == metrics and (stopped / "lm_eval_results.json").exists()
+    # without a checkpoint of the final step there is nothing to evaluate: the record is kept, a warning says so
+    (stopped / "summary.json").write_text(json.dumps({**cut, "wall_time_s": None}))
+    shutil.rmtree(stopped / "checkpoints")
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "no checkpoint of its final step" in p.stdout + p.stderr
+    assert read_summary(stopped) == {**cut, "wall_time_s": None}
 
 
 def test_lm_eval_cli_with_remoe_model(trained, tmp_path):

@@ -59,6 +59,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         if changes := _changes_since(cfg, run_dir):  # e.g. a sweep file's scale changed, same folder names
             raise ConfigError(f"skip_completed: {run_dir} holds a completed run of another setting "
                               f"({'; '.join(changes)}); train it in another folder (REMOE_OUTPUT or hydra.run.dir)")
+        if cfg.eval.suite != "none" and done.get("downstream") is None and rank_zero_only.rank == 0:
+            return evaluate_final_checkpoint(cfg, run_dir, done)
         log.info("skip_completed: %s is already complete", run_dir)
         return done
     if not needs_own_process(cfg):
@@ -86,6 +88,38 @@ def _changes_since(cfg: DictConfig, run_dir: str) -> list[str]:
     here = copy.deepcopy(cfg)
     derive(here)  # as the saved config was written (the derived micro-batch)
     return training_changes(saved, OmegaConf.to_container(here, resolve=True))
+
+
+def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict:
+    """Finish a completed run whose configured evaluation is missing (the process was stopped during it:
+    summary.json is written before evaluation starts) from its final checkpoint, never by training again.
+    Without a checkpoint of the final step the record is kept as it is, and a warning says so."""
+    from .checkpoint import read_meta
+    from .eval.adapter import load_checkpoint
+    from .eval.run import evaluate_model
+
+    validate(cfg)  # e.g. eval=paper offline: one line, exit 2, before a checkpoint is loaded
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    try:
+        step, why = int(read_meta(last)["global_step"]), None
+    except FileNotFoundError:
+        step, why = None, "none"
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: nothing to evaluate, as with none
+        step, why = None, f"last.ckpt cannot be read: {type(e).__name__}"
+    if step != done.get("steps"):
+        log.warning("skip_completed: %s is complete but has no evaluation, and no checkpoint of its final step "
+                    "%s to evaluate (%s); kept as it is", run_dir, done.get("steps"),
+                    why or f"last.ckpt is at step {step}")
+        return done
+    log.warning("skip_completed: %s is complete but its evaluation is missing (stopped during it?): "
+                "evaluating its final checkpoint (step %d)", run_dir, step)
+    model, tokenizer, _ = load_checkpoint(last)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    device = "cuda" if plan.on_gpus(cfg.trainer) else "cpu"
+    evaluate_model(model.to(device), tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed, device=device,
+                   dtype=str(done.get("precision") or "32-true"), source=last)
+    return read_summary(run_dir)
 
 
 def _check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:

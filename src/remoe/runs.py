@@ -151,7 +151,7 @@ class RunSummary:
     rank_states: dict | None = None  # the routing method's end state on every rank (must agree)
     resumed_from: str | None = None
     downstream: dict | None = None  # task -> metric -> value (lm-eval, stderrs included)
-    downstream_meta: dict | None = None
+    downstream_meta: dict | None = None  # suite, lm-eval versions, samples, source (training or a checkpoint)
     downstream_error: str | None = None
     error: str | None = None
     traceback: str | None = None

@@ -81,13 +81,14 @@ def evaluate(lm, tasks: list[str], include_path: str | None = None, limit: int |
     )
 
 
-def store(run_dir: str, results: dict, suite: str) -> dict:
+def store(run_dir: str, results: dict, suite: str, source: str = "training") -> dict:
     """Write lm_eval_results.json and add `downstream` + `downstream_meta` to the run's summary.json
-    (atomically, every other field kept as stored); returns those two fields."""
+    (atomically, every other field kept as stored); returns those two fields. source: where the evaluated
+    weights came from ("training": the final model in the training process; else a checkpoint's path)."""
     write_json_atomic(os.path.join(run_dir, "lm_eval_results.json"), results)
     fields = {"downstream": flatten(results),
               "downstream_meta": {"suite": suite, "lm_eval": results.get("versions", {}),
-                                  "n_samples": results.get("n-samples", {})}}
+                                  "n_samples": results.get("n-samples", {}), "source": source}}
     write_json_atomic(os.path.join(run_dir, SUMMARY), {**(read_summary(run_dir) or {}), **fields})
     return fields
 
@@ -97,7 +98,7 @@ def dumps(results: dict) -> str:
 
 
 def evaluate_model(model, tokenizer, e, run_dir: str, *, datamodule=None, seed: int = 0, device: str = "cpu",
-                   dtype: str = "float32") -> tuple[dict, dict]:
+                   dtype: str = "float32", source: str = "training") -> tuple[dict, dict]:
     """lm-eval on a model, results stored in its run directory: (lm-eval's results, the summary fields
     written). `e` is an eval config (conf/eval); the local suite is built from `datamodule`'s held-out
     split. Used by training (the final model) and by src/evaluate.py (a checkpoint)."""
@@ -112,7 +113,7 @@ def evaluate_model(model, tokenizer, e, run_dir: str, *, datamodule=None, seed: 
     tasks = list(e.tasks) if e.tasks else list(SUITES[e.suite])
     results = evaluate(lm, tasks, include_path=include, limit=e.limit, bootstrap_iters=e.bootstrap_iters,
                        seed=seed)
-    return results, store(run_dir, results, e.suite)
+    return results, store(run_dir, results, e.suite, source)
 
 
 def evaluate_checkpoint(cfg) -> dict:
@@ -139,5 +140,5 @@ def evaluate_checkpoint(cfg) -> dict:
             raise FileNotFoundError(f"eval=local needs the run's resolved config (looked for {resolved})")
         dm = instantiate(OmegaConf.load(resolved).data)
     results, _ = evaluate_model(model, tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed,
-                                device=cfg.device, dtype=cfg.dtype)
+                                device=cfg.device, dtype=cfg.dtype, source=ckpt)
     return results
