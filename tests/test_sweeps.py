@@ -49,8 +49,10 @@ def test_failing_run_is_recorded_and_rerun_skips_completed(train, tmp_path):
     args = ["-m", "+sweep=cpu/routing_methods", "hydra.sweeper.params.seed=1", "hydra.sweeper.params.model=topk",
             "size.lr=2.0e-3,1.0e30", "trainer.gradient_clip_val=null", "eval=none", "report_on_multirun_end=false",
             *FAST]  # lr 1e30: a run that fails in training (non-finite loss), after validation
-    summaries = lambda root: {Path(s).parent.name: read_summary(Path(s).parent)  # noqa: E731
-                              for s in glob.glob(str(root / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
+    def summaries(root):
+        return {Path(s).parent.name: read_summary(Path(s).parent)
+                for s in glob.glob(str(root / "sweeps" / "routing_methods_cpu" / "*" / "summary.json"))}
+
     p, out = train(*args, check=False)
     assert p.returncode != 0  # Hydra re-raises the first failure after the other jobs ran
     runs = summaries(out)

@@ -95,8 +95,7 @@ def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict
     summary.json is written before evaluation starts) from its final checkpoint, never by training again.
     Without a checkpoint of the final step the record is kept as it is, and a warning says so."""
     from .checkpoint import read_meta
-    from .eval.adapter import load_checkpoint
-    from .eval.run import evaluate_model
+    from .eval.run import evaluate_checkpoint
 
     validate(cfg)  # e.g. eval=paper offline: one line, exit 2, before a checkpoint is loaded
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
@@ -113,12 +112,9 @@ def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict
         return done
     log.warning("skip_completed: %s is complete but its evaluation is missing (stopped during it?): "
                 "evaluating its final checkpoint (step %d)", run_dir, step)
-    model, tokenizer, _ = load_checkpoint(last)
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    device = "cuda" if plan.on_gpus(cfg.trainer) else "cpu"
-    evaluate_model(model.to(device), tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed, device=device,
-                   dtype=str(done.get("precision") or "32-true"), source=last)
+    evaluate_checkpoint(OmegaConf.create({  # as src/evaluate.py does it; the data config is the run's own
+        "checkpoint": last, "out": run_dir, "eval": cfg.eval, "seed": cfg.seed,
+        "device": "cuda" if plan.on_gpus(cfg.trainer) else "cpu", "dtype": str(done.get("precision") or "32-true")}))
     return read_summary(run_dir)
 
 
