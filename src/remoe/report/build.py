@@ -206,9 +206,9 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
               "out=<folder>`.", "",
               "| run | model | size | E | k | G | seed | steps | val loss | commit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in df.iterrows():
+    for (_, r), m in zip(df.iterrows(), tables.method(df)):
         num = lambda v: "–" if v is None or v != v else f"{v:.0f}"  # noqa: E731
-        lines.append(f"| {_short(r['run_dir'], roots)} | {r['model']} | {r['size']} | {num(r['experts'])} | "
+        lines.append(f"| {_short(r['run_dir'], roots)} | {m} | {r['size']} | {num(r['experts'])} | "
                      f"{num(r['topk'])} | {num(r['granularity'])} | {r['seed']} | {r['steps']} | "
                      f"{r['val_loss']:.4f} | {str(r.get('git_commit'))[:12]} |")
     has = df["collapsed_layers"].fillna("").astype(str) != "" if "collapsed_layers" in df else []

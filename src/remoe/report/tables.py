@@ -72,12 +72,15 @@ def shared_recipe(df: pd.DataFrame) -> list[str]:
     return list(labels.pop()) if len(labels) == 1 else []
 
 
-def variant(df: pd.DataFrame) -> pd.Series:
-    """A run's row label: its method, or dense×N for a dense model with an N-times-wide FFN (Dense×8), then
-    every recipe option it changes ("dense×8, W2 LR by fan_in")."""
+def method(df: pd.DataFrame) -> pd.Series:
+    """A run's method: its model, or dense×N for a dense model with an N-times-wide FFN (Dense×8)."""
     mult = df["ffn_mult"].fillna(1) if "ffn_mult" in df else pd.Series(1, index=df.index)
-    base = df["model"].where(mult == 1, "dense×" + mult.astype(int).astype(str))
-    labels = [", ".join([b, *off_recipe(r)]) for b, (_, r) in zip(base, df.iterrows())]
+    return df["model"].where(mult == 1, "dense×" + mult.astype(int).astype(str))
+
+
+def variant(df: pd.DataFrame) -> pd.Series:
+    """A run's row label: its method, then every recipe option it changes ("dense×8, W2 LR by fan_in")."""
+    labels = [", ".join([b, *off_recipe(r)]) for b, (_, r) in zip(method(df), df.iterrows())]
     return pd.Series(labels, index=df.index, dtype=object)
 
 
