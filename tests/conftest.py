@@ -6,12 +6,31 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Under pytest-xdist (pyproject: -n 2) each worker, and every run it starts, gets its share of the cores: two
+# workers whose torch each spun on every core took as long as one process (commit 2f3a21b).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 # Tests never use the HF hub: make every hub check answer "offline" at once, without network traffic.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Fast settings for end-to-end runs: a handful of optimizer steps, short validation.
 FAST = ["trainer.max_steps=6", "size.val_interval=3", "size.val_batches=2", "size.ckpt_interval=3",
         "trainer.enable_progress_bar=false"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (--dist loadgroup) a test that uses a fixture built once per module (a trained run)
+    or the session's tiny_sweep runs on the worker that built it: one group per module, one for tiny_sweep.
+    The other tests go to whichever worker is free."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        scopes = {n: defs[-1].scope for n, defs in (info.name2fixturedefs.items() if info else ()) if defs}
+        if "tiny_sweep" in scopes:
+            item.add_marker(pytest.mark.xdist_group("tiny_sweep"))
+        elif "module" in scopes.values():
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(scope="session")
