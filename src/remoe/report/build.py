@@ -206,7 +206,7 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
               "out=<folder>`.", "",
               "| run | model | size | E | k | G | seed | steps | val loss | commit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for (_, r), m in zip(df.iterrows(), tables.method(df)):
+    for (_, r), m in zip(df.iterrows(), tables.method(df) if len(df) else []):  # no run: no columns either
         num = lambda v: "–" if v is None or v != v else f"{v:.0f}"  # noqa: E731
         lines.append(f"| {_short(r['run_dir'], roots)} | {m} | {r['size']} | {num(r['experts'])} | "
                      f"{num(r['topk'])} | {num(r['granularity'])} | {r['seed']} | {r['steps']} | "
