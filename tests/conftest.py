@@ -20,6 +20,7 @@ FAST = ["trainer.max_steps=6", "size.val_interval=3", "size.val_batches=2", "siz
         "trainer.enable_progress_bar=false"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup) a test that uses a fixture built once per module (a trained run)
     or the session's tiny_sweep runs on the worker that built it: one group per module, one for tiny_sweep.
