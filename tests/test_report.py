@@ -261,7 +261,8 @@ def test_committed_report_regenerates_from_committed_records(tmp_path):
     assert p.returncode == 0, p.stderr
     methods = pd.read_csv(out / "tables" / "routing_methods.csv", dtype=str)
     assert {"dense", "dense×8", "topk", "remoe"} <= set(methods["model"])  # the regime check's rows are shown
-    runs = [line.split(" | ") for line in (out / "README.md").read_text().splitlines() if "/model-dense" in line]
+    lines = (out / "README.md").read_text().splitlines()
+    runs = [line.split(" | ") for line in lines if "/model-dense" in line]
     assert runs and all(r[1] == ("dense×8" if "dense8" in r[0] else "dense") for r in runs)  # Runs table too
     made = {f.relative_to(out) for f in out.rglob("*") if f.is_file()}
     committed = {f.relative_to(ROOT / "reports") for d in ("tables", "figures")
