@@ -114,7 +114,8 @@ def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict
                 "evaluating its final checkpoint (step %d)", run_dir, step)
     evaluate_checkpoint(OmegaConf.create({  # as src/evaluate.py does it; the data config is the run's own
         "checkpoint": last, "out": run_dir, "eval": cfg.eval, "seed": cfg.seed,
-        "device": "cuda" if plan.on_gpus(cfg.trainer) else "cpu", "dtype": str(done.get("precision") or "32-true")}))
+        "device": "cuda" if plan.on_gpus(cfg.trainer) else "cpu",
+        "dtype": str(done.get("precision") or "32-true")}))
     return read_summary(run_dir)
 
 
