@@ -168,8 +168,15 @@ def test_standalone_evaluate_matches_training_eval(trained, tmp_path):
 def test_a_run_stopped_during_evaluation_is_evaluated_by_skip_completed_not_retrained(trained, tmp_path):
     """summary.json (completed) is on disk before evaluation starts; a process stopped during evaluation
     leaves it without `downstream` and wall_time_s. A rerun with skip_completed evaluates the final
-    checkpoint: the same numbers as the in-training evaluation, nothing trained again."""
+    checkpoint: the same numbers as the in-training evaluation, nothing trained again, and the loggers get
+    them as training's would have (metrics.csv's downstream row; a W&B run of the same name)."""
+    import csv
     import shutil
+
+    from remoe.wandb_offline import offline_runs, read_history
+
+    def rows(path):
+        return list(csv.DictReader(path.open(newline="")))
 
     run, env = trained
     original = read_summary(run)
@@ -178,8 +185,15 @@ def test_a_run_stopped_during_evaluation_is_evaluated_by_skip_completed_not_retr
     cut = {k: v for k, v in original.items() if k not in ("downstream", "downstream_meta")}
     (stopped / "summary.json").write_text(json.dumps({**cut, "wall_time_s": None}))
     (stopped / "lm_eval_results.json").unlink()
-    metrics = (stopped / "metrics.csv").read_text()
-    args = [sys.executable, str(ROOT / "src" / "train.py"), *FAST, "trainer.max_steps=30", "logger=csv",
+    logged = rows(stopped / "metrics.csv")  # training's, with its downstream row at step 30
+    training = [r for r in ({k: v for k, v in r.items() if not k.startswith("downstream/")} for r in logged)
+                if any(v for k, v in r.items() if k != "step")]
+    assert len(training) == len(logged) - 1
+    with (stopped / "metrics.csv").open("w", newline="") as f:  # as a process stopped before it logged them
+        w = csv.DictWriter(f, fieldnames=list(training[0]))
+        w.writeheader()
+        w.writerows(training)
+    args = [sys.executable, str(ROOT / "src" / "train.py"), *FAST, "trainer.max_steps=30", "logger=wandb",
             "eval.n_docs=60", "skip_completed=true", f"hydra.run.dir={stopped}"]
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -189,13 +203,19 @@ def test_a_run_stopped_during_evaluation_is_evaluated_by_skip_completed_not_retr
     assert after["downstream_meta"]["source"] == str(stopped / "checkpoints" / "last.ckpt")
     assert {k: v for k, v in after.items() if k not in ("downstream", "downstream_meta")} == \
         {**cut, "wall_time_s": None}  # the training record as it was: not trained again
-    assert (stopped / "metrics.csv").read_text() == metrics and (stopped / "lm_eval_results.json").exists()
+    assert (stopped / "lm_eval_results.json").exists()
+    assert rows(stopped / "metrics.csv") == logged  # the downstream row back, the same numbers
+    [wb] = offline_runs(stopped)
+    history = read_history(wb)
+    assert history["downstream/remoe_choice/acc"] == [original["downstream"]["remoe_choice"]["acc"]]
+    assert history["trainer/global_step"] == [30]
     # without a checkpoint of the final step there is nothing to evaluate: the record is kept, a warning says so
     (stopped / "summary.json").write_text(json.dumps({**cut, "wall_time_s": None}))
     shutil.rmtree(stopped / "checkpoints")
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 0 and "no checkpoint of its final step" in p.stdout + p.stderr
     assert read_summary(stopped) == {**cut, "wall_time_s": None}
+    assert offline_runs(stopped) == [wb] and rows(stopped / "metrics.csv") == logged  # nothing logged
 
 
 def test_lm_eval_cli_with_remoe_model(trained, tmp_path):

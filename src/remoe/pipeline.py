@@ -116,7 +116,28 @@ def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict
         "checkpoint": last, "out": run_dir, "eval": cfg.eval, "seed": cfg.seed,
         "device": "cuda" if plan.on_gpus(cfg.trainer) else "cpu",
         "dtype": str(done.get("precision") or "32-true")}))
-    return read_summary(run_dir)
+    after = read_summary(run_dir)
+    _log_late_evaluation(cfg, after, done["steps"])
+    return after
+
+
+def _log_late_evaluation(cfg: DictConfig, summary: dict, step: int) -> None:
+    """The run's configured loggers get the late evaluation as training's own would have logged it:
+    metrics.csv gains the downstream row at the final step; W&B gets a new run of the same group and name
+    (as a resumed training attempt does), with the config, holding the downstream numbers."""
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, L.pytorch.loggers.WandbLogger)]
+    try:
+        for lg in wandb_loggers:  # metrics.csv's training has its hparams.yaml already
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_downstream(loggers, summary.get("downstream") or {}, step)
+        for lg in loggers:
+            lg.finalize("success")
+    finally:
+        if wandb_loggers:
+            import wandb
+
+            wandb.finish()
 
 
 def _check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
@@ -198,9 +219,14 @@ def _evaluate(cfg: DictConfig, trainer, lit: LitLM, model, dm, run_dir: str, sum
         summary.downstream_error = f"{type(e).__name__}: {e}"
         raise
     summary.update(**fields)
+    log_downstream(loggers, summary.downstream, trainer.global_step)
+
+
+def log_downstream(loggers, downstream: dict, step: int) -> None:
+    """The evaluation's numbers as `downstream/<task>/<metric>` at the final step, on every logger."""
     for lg in loggers:
-        lg.log_metrics({f"downstream/{t}/{m}": v for t, row in summary.downstream.items()
-                        for m, v in row.items() if v is not None}, step=trainer.global_step)
+        lg.log_metrics({f"downstream/{t}/{m}": v for t, row in downstream.items()
+                        for m, v in row.items() if v is not None}, step=step)
 
 
 def resume_command() -> str:
