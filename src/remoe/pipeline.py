@@ -125,19 +125,29 @@ def _log_late_evaluation(cfg: DictConfig, summary: dict, step: int) -> None:
     """The run's configured loggers get the late evaluation as training's own would have logged it:
     metrics.csv gains the downstream row at the final step; W&B gets a new run of the same group and name
     (as a resumed training attempt does), with the config, holding the downstream numbers."""
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    wandb_loggers = [lg for lg in loggers if isinstance(lg, L.pytorch.loggers.WandbLogger)]
+    loggers = _loggers(cfg)
     try:
-        for lg in wandb_loggers:  # metrics.csv's training has its hparams.yaml already
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for lg in loggers:  # metrics.csv's training has its hparams.yaml already
+            if isinstance(lg, L.pytorch.loggers.WandbLogger):
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         log_downstream(loggers, summary.get("downstream") or {}, step)
         for lg in loggers:
             lg.finalize("success")
     finally:
-        if wandb_loggers:
-            import wandb
+        _finish(loggers)
 
-            wandb.finish()
+
+def _loggers(cfg: DictConfig) -> list:
+    """The loggers `cfg.logger` names (a group of optional entries; null ones are off)."""
+    return [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+
+
+def _finish(loggers: list) -> None:
+    """Close W&B's run: else the next multirun job's (or the next call's) WandbLogger reuses it still open."""
+    if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()
 
 
 def _check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
@@ -331,7 +341,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
             compile_blocks(lit.model)
         if rank_zero_only.rank == 0:
             dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
-        loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+        loggers = _loggers(cfg)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             if isinstance(lg, CSVLogger) and rank_zero_only.rank == 0:
@@ -373,10 +383,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
         summary.wall_time_s = time.time() - t0
         if rank_zero_only.rank == 0:
             _record(summary, run_dir, completed_before)
-        if any(isinstance(lg, L.pytorch.loggers.WandbLogger) for lg in loggers):
-            import wandb
-
-            wandb.finish()  # else the next multirun job's WandbLogger reuses this still-open run
+        _finish(loggers)
         if rank_zero_only.rank == 0:
             print(closing_line(summary.to_json(), os.path.join(run_dir, SUMMARY)), flush=True)
     return summary.to_json()
