@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoe.model import (METHODS, LambdaController, ModelConfig, RoutingStats, Transformer, build_method,
-                         preset)
+from remoe.model import (LAMBDA_FLOOR, METHODS, LambdaController, ModelConfig, RoutingStats, Transformer,
+                         build_method, preset)
 from remoe.model import experts as experts_mod
 from remoe.model.presets import CONF_SIZE_DIR, preset_arch
 from remoe.model.moe import MoELayer
@@ -374,6 +374,24 @@ def test_controller_multiplies_below_target_and_divides_above():
     assert d.update(0.0) == c.update(0.0)
 
 
+def test_controller_held_above_target_stops_at_its_floor_and_climbs_back():
+    """Issue 20 (study4k, ReMoE G=4 seed 2): ~900 steps above target took a float32 lambda into the
+    subnormals, to 2.8e-45, where x1.2 rounds back to itself: the controller never moved again. The floor
+    (float32's smallest normal) keeps every update a real multiplication."""
+    c = LambdaController(target=0.875, lambda0=1e-8, alpha=1.2)
+    for _ in range(1000):
+        c.step(below_target=False)
+    assert c.value == LAMBDA_FLOOR == torch.finfo(torch.float32).tiny
+    lam, alpha, climb = torch.tensor(LAMBDA_FLOOR), torch.tensor(1.2), []
+    for _ in range(5):
+        lam = lam * alpha  # float32, step by step, as the spec's update
+        climb.append(float(lam))
+    assert [c.step(below_target=True) for _ in range(5)] == climb and climb[-1] > 2.4 * LAMBDA_FLOOR
+    stuck = LambdaController(target=0.875)
+    stuck.load_state_dict({**stuck.state_dict(), "lam": 2.802597e-45})  # from a checkpoint written before
+    assert stuck.step(below_target=True) == LAMBDA_FLOOR
+
+
 # ---- construction errors ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kw,name",
@@ -402,6 +420,7 @@ def test_bad_arguments_name_the_argument(kw, name):
     "method,kw,name",
     [
         ("remoe", dict(lambda0=0.0), "lambda0"),
+        ("remoe", dict(lambda0=1e-40), "lambda0"),  # a float32 subnormal: below the controller's floor
         ("remoe", dict(alpha=1.0), "alpha"),
         ("remoe", dict(regularizer="l2"), "regularizer"),
         ("remoe", dict(aux_loss_coef=0.1), "aux_loss_coef"),  # not a ReMoE knob

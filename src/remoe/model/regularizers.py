@@ -37,16 +37,24 @@ def lb_l1_loss(gates: torch.Tensor, k: int) -> torch.Tensor:
     return (f * gates).sum() / T
 
 
+LAMBDA_FLOOR = float(torch.finfo(torch.float32).tiny)  # 1.18e-38, float32's smallest normal number
+
+
 class LambdaController:
     """lambda_{i+1} = lambda_i * alpha^{sign(target - S_i)}: multiply by alpha while the step's sparsity
     is below target, divide otherwise. lambda lives in float32 whatever the training precision, and is
-    checkpointed through state_dict()."""
+    checkpointed through state_dict().
+
+    Not in the spec: lambda never goes below LAMBDA_FLOOR. Divided long enough (sparsity above target for
+    ~460 steps from 1e-8, e.g. while a collapsed layer holds the mean up), a float32 lambda reaches the
+    subnormals, where 2 units (2.8e-45) times 1.2 rounds back to 2 units: lambda would then stay there for
+    good, whatever the sparsity. At the floor, x alpha is exact to float32 rounding again."""
 
     def __init__(self, target: float, lambda0: float = 1e-8, alpha: float = 1.2):
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target}")
-        if lambda0 <= 0:
-            raise ValueError(f"lambda0 must be > 0, got {lambda0}")
+        if not lambda0 >= LAMBDA_FLOOR:
+            raise ValueError(f"lambda0 must be >= {LAMBDA_FLOOR:.3g} (float32's smallest normal), got {lambda0}")
         if alpha <= 1:
             raise ValueError(f"alpha must be > 1, got {alpha}")
         self.target = float(target)
@@ -64,7 +72,8 @@ class LambdaController:
 
     def step(self, below_target: bool) -> float:
         """One optimizer step's update: x alpha when the step's sparsity was below target, else / alpha."""
-        self.lam = self.lam * self.alpha if below_target else self.lam / self.alpha
+        lam = self.lam * self.alpha if below_target else self.lam / self.alpha
+        self.lam = lam.clamp(min=LAMBDA_FLOOR)  # also lifts a stuck lambda resumed from an older checkpoint
         self.steps += 1
         return self.value
 

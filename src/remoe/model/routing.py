@@ -23,7 +23,7 @@ from torch import nn
 from .config import ConfigFieldError
 from .experts import SwiGLU
 from .moe import MoELayer
-from .regularizers import LambdaController, l1_loss, lb_l1_loss, switch_aux_loss
+from .regularizers import LAMBDA_FLOOR, LambdaController, l1_loss, lb_l1_loss, switch_aux_loss
 from .routers import AuxFreeRouter, ExpertChoiceRouter, HashRouter, ReLURouter, TopKRouter
 from .stats import RoutingStats
 
@@ -251,8 +251,9 @@ class ReMoE(RoutingMethod):
         if regularizer not in self.REGULARIZERS:
             raise ConfigFieldError("regularizer",
                                    f"choose one of {sorted(self.REGULARIZERS)} (got {regularizer!r})")
-        if not lambda0 > 0:
-            raise ConfigFieldError("lambda0", f"must be > 0 (got {lambda0!r})")
+        if not lambda0 >= LAMBDA_FLOOR:
+            raise ConfigFieldError("lambda0", f"must be >= {LAMBDA_FLOOR:.3g}, float32's smallest normal "
+                                   f"number (got {lambda0!r})")
         if not alpha > 1:
             raise ConfigFieldError("alpha", f"must be > 1 (got {alpha!r})")
         if not isinstance(lambda_per_layer, bool):
