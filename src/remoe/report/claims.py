@@ -19,6 +19,10 @@ def _ms(v: pd.Series, digits: int = 4) -> str:
     return f"{v.mean():.{digits}f} (n=1)"
 
 
+def _f3(v) -> str:
+    return "unknown" if v is None or pd.isna(v) else f"{float(v):.3f}"
+
+
 def _by_seed(g: pd.DataFrame, col: str = "val_loss") -> pd.Series:
     return g.set_index("seed")[col]
 
@@ -162,8 +166,11 @@ def claims(df: pd.DataFrame) -> str:
                 + ", ".join(f"E={e}: {gaps[e]:+.4f}" for e in es) + "."]
     remoe = df[df["model"] == "remoe"]
     if len(remoe):
-        st = remoe[_standard(remoe, "remoe")]["settling_step"]
+        runs = remoe[_standard(remoe, "remoe")]
+        st = runs["settling_step"]
         settled = st.dropna()
+        never = [f"{'/'.join(r.run_dir.rstrip('/').split('/')[-2:])} (tail sparsity {_f3(r.sparsity)}, "
+                 f"target {_f3(r.target_sparsity)})" for r in runs[st.isna()].itertuples()]
         rule = "every run settles, median ≤ 200 steps"
         if not len(st):
             pass  # no run at the standard setting: nothing to say
@@ -172,7 +179,7 @@ def claims(df: pd.DataFrame) -> str:
             out += [f"- ReMoE's sparsity settles at 1 − k/E (±0.05) after ~100 steps (paper: 110 at λ0=1e-8, "
                     f"α=1.2): {Verdict('holds' if ok else 'does not hold', rule)} — {len(settled)}/{len(st)} "
                     f"runs settle; median {settled.median():.0f} steps, range {settled.min():.0f}–"
-                    f"{settled.max():.0f}."]
+                    f"{settled.max():.0f}." + (f" Never settled: {'; '.join(never)}." if never else "")]
         else:
             out += [f"- ReMoE's sparsity settles at its target: "
                     f"{Verdict('does not hold', f'no run of {len(st)} settled; the rule: {rule}')}."]
