@@ -75,8 +75,8 @@ def test_claims_use_the_rule_per_setting(tmp_path):
 def test_a_run_that_never_settles_is_named_with_its_sparsity(tmp_path):
     """study4k ReMoE G=4 seed 2 (λ stuck at 2.8e-45) ended at 0.818 against 0.875: the claim names it."""
     for seed, st in ((1, 76), (2, None), (3, 80)):
-        record(tmp_path / "sweep", f"remoe-{seed}", "remoe", seed, 4.5, settling_step=st, target_sparsity=0.875,
-               sparsity=0.8183 if st is None else 0.875)
+        record(tmp_path / "sweep", f"remoe-{seed}", "remoe", seed, 4.5, settling_step=st,
+               target_sparsity=0.875, sparsity=0.8183 if st is None else 0.875)
     line = next(x for x in claims(collect([str(tmp_path)]).runs).splitlines() if "settles" in x)
     assert "**does not hold**" in line and "2/3 runs settle" in line
     assert line.endswith("Never settled: sweep/remoe-2 (tail sparsity 0.818, target 0.875).")

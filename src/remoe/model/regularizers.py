@@ -54,7 +54,8 @@ class LambdaController:
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target}")
         if not lambda0 >= LAMBDA_FLOOR:
-            raise ValueError(f"lambda0 must be >= {LAMBDA_FLOOR:.3g} (float32's smallest normal), got {lambda0}")
+            raise ValueError(f"lambda0 must be >= {LAMBDA_FLOOR:.3g} (float32's smallest normal), "
+                             f"got {lambda0}")
         if alpha <= 1:
             raise ValueError(f"alpha must be > 1, got {alpha}")
         self.target = float(target)
