@@ -77,7 +77,8 @@ def test_a_run_that_never_settles_is_named_with_its_sparsity(tmp_path):
     for seed, st in ((1, 76), (2, None), (3, 80)):
         record(tmp_path / "sweep", f"remoe-{seed}", "remoe", seed, 4.5, settling_step=st,
                target_sparsity=0.875, sparsity=0.8183 if st is None else 0.875)
-    line = next(x for x in claims(collect([str(tmp_path)]).runs).splitlines() if "settles" in x)
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
+    line = next(x for x in text.splitlines() if "settles" in x)
     assert "**does not hold**" in line and "2/3 runs settle" in line
     assert line.endswith("Never settled: sweep/remoe-2 (tail sparsity 0.818, target 0.875).")
 
@@ -91,7 +92,7 @@ def test_a_fair_share_expert_of_32_is_not_inactive(tmp_path):
     recs = {"step": 0, "counts": [layer0, layer1], "tokens": [n, n]}
     (d / "routing.jsonl").write_text(json.dumps(recs) + "\n")
     assert inactive_experts(str(d)) == 1  # only the 1/320 expert (1/64 would also count 1/80)
-    text = claims(collect([str(tmp_path)]).runs)
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
     assert "1/(8·E·G)" in text and "1 of 1 load-balanced runs have any" in text
 
 
@@ -141,7 +142,7 @@ def test_regime_check_needs_each_gap_above_twice_the_larger_std(tmp_path):
         for model, v, mult in (("dense", 3.48, 8), ("topk", 3.45, 1), ("dense", 3.47, 1)):  # another recipe
             record(tmp_path, f"fan_{model}{mult}_{seed}", model, seed, v + seed / 1000, ffn_mult=mult,
                    ffn_down_lr="fan_in")
-    text = claims(collect([str(tmp_path)]).runs)
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
     regime = text.split("Regime check —")[1].split("\n- ")[0]  # the paper's recipe: its runs alone
     assert "**holds** (at all 2 gaps)" in regime and "Dense×8 3.4020 ± 0.0010 (n=3) < TopK" in regime
     fan_in = text.split("Regime check (every run: W2 LR by fan_in) —")[1].split("\n- ")[0]

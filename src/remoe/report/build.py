@@ -10,7 +10,7 @@ import os
 
 from . import figures, tables
 from ..runs import RECIPE, RunSummary
-from .collect import collect
+from .collect import collect, short_path
 from .stats import RULES
 
 log = logging.getLogger("remoe.report")
@@ -25,14 +25,6 @@ TITLES = {
     "sensitivity_alpha": "Sensitivity to α (λ0 = 1e-8)",
     "throughput": "Throughput (paper Table 7 layout)",
 }
-
-
-def _short(path: str, roots: list[str]) -> str:
-    for r in roots:
-        r = os.path.abspath(r)
-        if path.startswith(r):
-            return os.path.relpath(path, r)
-    return path
 
 
 def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[str] | None = None,
@@ -88,7 +80,7 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
     from .claims import claims
 
     index = _index(df, col.skipped, made_tables, made_figs, roots, out_dir, notes,
-                   claims(df) if len(df) else "", study_recipe)
+                   claims(df, roots) if len(df) else "", study_recipe)
     write_text_atomic(os.path.join(out_dir, "README.md"), index)
     return {"runs": len(df), "skipped": col.skipped, "tables": sorted(made_tables), "figures": made_figs}
 
@@ -208,7 +200,7 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
               "|---|---|---|---|---|---|---|---|---|---|"]
     for (_, r), m in zip(df.iterrows(), tables.method(df) if len(df) else []):  # no run: no columns either
         num = lambda v: "–" if v is None or v != v else f"{v:.0f}"  # noqa: E731
-        lines.append(f"| {_short(r['run_dir'], roots)} | {m} | {r['size']} | {num(r['experts'])} | "
+        lines.append(f"| {short_path(r['run_dir'], roots)} | {m} | {r['size']} | {num(r['experts'])} | "
                      f"{num(r['topk'])} | {num(r['granularity'])} | {r['seed']} | {r['steps']} | "
                      f"{r['val_loss']:.4f} | {str(r.get('git_commit'))[:12]} |")
     has = df["collapsed_layers"].fillna("").astype(str) != "" if "collapsed_layers" in df else []
@@ -216,8 +208,8 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
     lines += ["", "## Runs with collapsed layers", "",
               "A layer whose mean experts per token over the last 10% of steps (at most 50) stays below "
               "0.1 k: most tokens skip its FFN.", ""]
-    lines += [f"- {_short(r['run_dir'], roots)}: layer(s) {r['collapsed_layers']} (per-layer sparsity "
+    lines += [f"- {short_path(r['run_dir'], roots)}: layer(s) {r['collapsed_layers']} (per-layer sparsity "
               f"{r.get('layer_sparsity', '?')})" for _, r in collapsed.iterrows()] or ["none"]
     lines += ["", "## Missing, failed or duplicate runs", ""]
-    lines += [f"- {_short(d, roots)}: {why}" for d, why in skipped] or ["none"]
+    lines += [f"- {short_path(d, roots)}: {why}" for d, why in skipped] or ["none"]
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..runs import RECIPE
-from .collect import inactive_cells, routing_share
+from .collect import inactive_cells, routing_share, short_path
 from .stats import Verdict, all_of, clear_gap, compare, trend
 from .tables import STD, _standard, identity_keys, off_recipe, paper_point, variant
 
@@ -149,7 +149,7 @@ def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
             f"issue 12): {v} — per-layer {_ms(per['val_loss'])}, global {_ms(glob_['val_loss'])}."]
 
 
-def claims(df: pd.DataFrame) -> str:
+def claims(df: pd.DataFrame, roots: list[str]) -> str:
     if df.empty:
         return ""
     out = ["## The paper's claims at this scale", ""]
@@ -169,7 +169,7 @@ def claims(df: pd.DataFrame) -> str:
         runs = remoe[_standard(remoe, "remoe")]
         st = runs["settling_step"]
         settled = st.dropna()
-        never = [f"{'/'.join(r.run_dir.rstrip('/').split('/')[-2:])} (tail sparsity {_f3(r.sparsity)}, "
+        never = [f"{short_path(r.run_dir, roots)} (tail sparsity {_f3(r.sparsity)}, "
                  f"target {_f3(r.target_sparsity)})" for r in runs[st.isna()].itertuples()]
         rule = "every run settles, median ≤ 200 steps"
         if not len(st):

@@ -47,6 +47,15 @@ def _flatten(summary: dict) -> dict:
     return row
 
 
+def short_path(path: str, roots: list[str]) -> str:
+    """A run folder as the report names it: relative to the root it was collected from."""
+    for r in roots:
+        r = os.path.abspath(r)
+        if path.startswith(r):
+            return os.path.relpath(path, r)
+    return path
+
+
 def collect(roots: list[str]) -> Collection:
     rows, skipped = [], []
     for d in run_dirs(roots):
