@@ -96,6 +96,28 @@ def test_a_fair_share_expert_of_32_is_not_inactive(tmp_path):
     assert "1/(8·E·G)" in text and "1 of 1 load-balanced runs have any" in text
 
 
+def test_load_balancing_is_judged_at_one_setting_never_pooled(tmp_path):
+    """With against without load balancing compares runs that differ only in the LB knob: ReMoE LB-L1 at E=32
+    (many inactive cells) must not be pooled with E=8 against plain L1, which ran at E=8 only."""
+    def rec(name, seed, inactive, experts=8, **kw):
+        d = record(tmp_path, name, "remoe", seed, 4.5, experts=experts, **kw)
+        n = 8000 * experts  # routed pairs per layer: a fair share each, `inactive` of them 1/(16E) of it
+        low = n // (16 * experts)
+        counts = [low] * inactive + [(n - low * inactive) // (experts - inactive)] * (experts - inactive)
+        (d / "routing.jsonl").write_text(json.dumps({"step": 0, "counts": [counts, counts], "tokens": [n, n]})
+                                         + "\n")
+    for seed, (l1, e32) in enumerate(((1, 3), (2, 3), (1, 3)), start=1):
+        rec(f"lb-e8-{seed}", seed, 0)
+        rec(f"lb-e32-{seed}", seed, e32, experts=32)
+        rec(f"l1-e8-{seed}", seed, l1, regularizer="l1")
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
+    line = next(x for x in text.splitlines() if "remoe (E=" in x)
+    # cells per run: 2 layers x `inactive`; E=8 only: 0 with LB against 2, 4, 2 without: paired over 3 seeds
+    assert line.startswith("  - remoe (E=8, k=1, G=1): inactive cells with LB 0.0 ± 0.0 (n=3), without "
+                           "2.7 ± 1.2 (n=3): fewer with LB **inconclusive**"), line
+    assert "remoe (E=32" not in text and "no setting run both" not in text
+
+
 def test_the_index_states_the_rules_and_each_tables_commits(tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):

@@ -66,6 +66,19 @@ def _load_balanced(df: pd.DataFrame) -> pd.Series:
         ((df["model"] == "auxfree") & (col("bias_update_rate").fillna(0) > 0)) | (df["model"] == "ec")
 
 
+# The knobs that turn a method's load balancing on or off (_load_balanced reads them)
+LB_KNOBS = ("regularizer", "aux_loss_coef", "bias_update_rate")
+
+
+def _setting_but_lb(df: pd.DataFrame) -> pd.Series:
+    """A run's setting (its identity in runs.RunSummary) but for the seed and LB_KNOBS: runs with and without
+    load balancing are compared only where this is equal."""
+    from ..runs import RunSummary
+
+    keys = [k for k in RunSummary.keys(identity=True) if k in df and k not in ("seed", *LB_KNOBS)]
+    return pd.Series(["|".join(map(str, r)) for r in df[keys].itertuples(index=False)], index=df.index)
+
+
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
     moe = df[df["model"].notna() & (df["model"] != "dense")].copy()
     moe["inactive"] = [inactive_experts(d) for d in moe["run_dir"]]
@@ -80,16 +93,25 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
                  f"{_ms(g['inactive'], 1)}" for (m, on), g in moe.groupby(["model", "lb"], sort=True)]
     both = [m for m in sorted(moe["model"].unique())
             if len(lb[lb["model"] == m]) and len(nolb[nolb["model"] == m])]
-    if both:  # as the paper: with against without load balancing, same method
+    if both:  # as the paper: with against without load balancing, same method and setting (never pooled)
         lines, verdicts = [], []
+        setting = _setting_but_lb(moe)
         for m in both:
             a, b = lb[lb["model"] == m], nolb[nolb["model"] == m]
-            v = compare(_by_seed(a, "inactive").astype(float), _by_seed(b, "inactive").astype(float))
-            verdicts.append(v)
-            lines.append(f"  - {m}: inactive cells with LB {_ms(a['inactive'], 1)}, without "
-                         f"{_ms(b['inactive'], 1)}: fewer with LB {v}")
-        return [f"{head}, and fewer than without it: {all_of(verdicts, 'methods')}.", *lines,
-                "  - every method and setting:", *[f"  {x}" for x in by_method]]
+            common = sorted(set(setting[a.index]) & set(setting[b.index]))
+            for key in common:
+                sa, sb = a[setting[a.index] == key], b[setting[b.index] == key]
+                v = compare(_by_seed(sa, "inactive").astype(float), _by_seed(sb, "inactive").astype(float))
+                verdicts.append(v)
+                r = sa.iloc[0]
+                where = f"E={r['experts']:g}, k={r['topk']:g}, G={r['granularity']:g}"
+                lines.append(f"  - {m} ({where}): inactive cells with LB {_ms(sa['inactive'], 1)}, without "
+                             f"{_ms(sb['inactive'], 1)}: fewer with LB {v}")
+            if not common:
+                lines.append(f"  - {m}: no setting run both with and without load balancing")
+        census = "  - every run, by method (settings pooled, for a census only):"
+        return [f"{head}, and fewer than without it: {all_of(verdicts, 'settings')}.", *lines, census,
+                *[f"  {x}" for x in by_method]]
     bad = int((lb["inactive"] > 0).sum())
     word = Verdict("holds" if bad == 0 else "does not hold",
                    f"{bad} of {len(lb)} load-balanced runs have any; no method run both with and "
