@@ -1,6 +1,7 @@
 """Models: parameter counts, exactness of the MoE layer against a naive reference, routing losses,
 the lambda controller, construction errors, and ReMoE reaching its target sparsity."""
 
+import logging
 import math
 
 import pytest
@@ -374,14 +375,18 @@ def test_controller_multiplies_below_target_and_divides_above():
     assert d.update(0.0) == c.update(0.0)
 
 
-def test_controller_held_above_target_stops_at_its_floor_and_climbs_back():
+def test_controller_held_above_target_stops_at_its_floor_and_climbs_back(caplog):
     """Issue 20 (study4k, ReMoE G=4 seed 2): ~900 steps above target took a float32 lambda into the
     subnormals, to 2.8e-45, where x1.2 rounds back to itself: the controller never moved again. The floor
-    (float32's smallest normal) keeps every update a real multiplication."""
+    (float32's smallest normal) keeps every update a real multiplication, and reaching it is said once."""
     c = LambdaController(target=0.875, lambda0=1e-8, alpha=1.2)
-    for _ in range(1000):
-        c.step(below_target=False)
+    with caplog.at_level(logging.WARNING, logger="remoe"):
+        for _ in range(1000):
+            c.step(below_target=False)
     assert c.value == LAMBDA_FLOOR == torch.finfo(torch.float32).tiny
+    said = [r.getMessage() for r in caplog.records if "floor" in r.getMessage()]
+    # 1e-8 / 1.2^378 < 1.18e-38: the 378th division
+    assert len(said) == 1 and "reached its floor 1.18e-38 at controller step 378" in said[0], said
     lam, alpha, climb = torch.tensor(LAMBDA_FLOOR), torch.tensor(1.2), []
     for _ in range(5):
         lam = lam * alpha  # float32, step by step, as the spec's update

@@ -7,7 +7,11 @@ The counts in every load-balancing term are constants: no gradient flows through
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger("remoe")
 
 
 def routed_fraction(gates: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,9 +77,15 @@ class LambdaController:
 
     def step(self, below_target: bool) -> float:
         """One optimizer step's update: x alpha when the step's sparsity was below target, else / alpha."""
+        was = self.value
         lam = self.lam * self.alpha if below_target else self.lam / self.alpha
         self.lam = lam.clamp(min=LAMBDA_FLOOR)  # also lifts a stuck lambda resumed from an older checkpoint
         self.steps += 1
+        if self.value <= LAMBDA_FLOOR < was:  # arrived at the floor: once per arrival, not every step there
+            log.warning("lambda reached its floor %.3g at controller step %d: the sparsity has stayed above "
+                        "its target %.4g for hundreds of steps, typically while a collapsed layer holds the "
+                        "mean up (watch per-layer sparsity; model.lambda_per_layer=true gives each layer its "
+                        "own lambda)", LAMBDA_FLOOR, self.steps, self.target)
         return self.value
 
     def state_dict(self) -> dict:
