@@ -66,17 +66,9 @@ def _load_balanced(df: pd.DataFrame) -> pd.Series:
         ((df["model"] == "auxfree") & (col("bias_update_rate").fillna(0) > 0)) | (df["model"] == "ec")
 
 
-# The knobs that turn a method's load balancing on or off (_load_balanced reads them)
+# The knobs that turn a method's load balancing on or off (_load_balanced reads them); runs with and without
+# load balancing are compared only where every other identity field is equal
 LB_KNOBS = ("regularizer", "aux_loss_coef", "bias_update_rate")
-
-
-def _setting_but_lb(df: pd.DataFrame) -> pd.Series:
-    """A run's setting (its identity in runs.RunSummary) but for the seed and LB_KNOBS: runs with and without
-    load balancing are compared only where this is equal."""
-    from ..runs import RunSummary
-
-    keys = [k for k in RunSummary.keys(identity=True) if k in df and k not in ("seed", *LB_KNOBS)]
-    return pd.Series(["|".join(map(str, r)) for r in df[keys].itertuples(index=False)], index=df.index)
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
@@ -95,12 +87,12 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
             if len(lb[lb["model"] == m]) and len(nolb[nolb["model"] == m])]
     if both:  # as the paper: with against without load balancing, same method and setting (never pooled)
         lines, verdicts = [], []
-        setting = _setting_but_lb(moe)
         for m in both:
-            a, b = lb[lb["model"] == m], nolb[nolb["model"] == m]
-            common = sorted(set(setting[a.index]) & set(setting[b.index]))
-            for key in common:
-                sa, sb = a[setting[a.index] == key], b[setting[b.index] == key]
+            runs = moe[moe["model"] == m]  # one group per setting: identity but the seed and LB_KNOBS
+            keys = [k for k in identity_keys(runs, ["model"]) if k not in LB_KNOBS]
+            groups = [(g[g["lb"]], g[~g["lb"]]) for _, g in runs.groupby(keys, dropna=False, sort=True)]
+            common = [(sa, sb) for sa, sb in groups if len(sa) and len(sb)]
+            for sa, sb in common:
                 v = compare(_by_seed(sa, "inactive").astype(float), _by_seed(sb, "inactive").astype(float))
                 verdicts.append(v)
                 r = sa.iloc[0]
