@@ -194,3 +194,20 @@ def test_a_study_off_the_recipe_throughout_is_compared_within_its_recipe(tmp_pat
     index = (tmp_path / "rep2" / "README.md").read_text()
     assert "Every run here trains off" not in index and "Regime check (every run: W2 LR by fan_in)" in index
 
+
+
+def test_the_settling_trend_pools_only_the_sweeps_runs(tmp_path):
+    """study4k: the α = 1.2 point of "settling time falls as α grows" averaged the per-layer λ runs (125, 309,
+    111 steps) into the global λ's (136, 76, 76): 139 instead of 96. Only the standard setting but α counts."""
+    for seed, st in ((1, 136), (2, 76), (3, 76)):
+        record(tmp_path, f"std-{seed}", "remoe", seed, 4.5, settling_step=st)
+    for seed, st in ((1, 125), (2, 309), (3, 111)):
+        record(tmp_path, f"pl-{seed}", "remoe", seed, 4.5, settling_step=st, lambda_per_layer=True)
+    record(tmp_path, "g4", "remoe", 1, 4.5, settling_step=900, granularity=4)  # another setting: not pooled
+    record(tmp_path, "a105", "remoe", 1, 4.5, settling_step=341, alpha=1.05)
+    record(tmp_path, "a13", "remoe", 1, 4.5, settling_step=140, alpha=1.3)
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
+    line = next(x for x in text.splitlines() if "Settling time falls as alpha" in x)
+    assert line.endswith("— 1.05: 341, 1.2: 96, 1.3: 140.")
+    line = next(x for x in text.splitlines() if "sparsity settles at" in x)
+    assert "(the rule: every run settles, median ≤ 200 steps)" in line  # the rule, not a finding

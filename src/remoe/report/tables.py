@@ -84,11 +84,14 @@ def variant(df: pd.DataFrame) -> pd.Series:
     return pd.Series(labels, index=df.index, dtype=object)
 
 
-def _standard(df: pd.DataFrame, model: str) -> pd.Series:
-    """Runs of `model` at its STANDARD knobs and the paper's RECIPE (a knob a run's summary lacks, from before
-    it existed, counts as its default only for lambda_per_layer)."""
+def _standard(df: pd.DataFrame, model: str, but: tuple[str, ...] = ()) -> pd.Series:
+    """Runs of `model` at its STANDARD knobs (all but those named in `but`: a sweep's axis) and the paper's
+    RECIPE (a knob a run's summary lacks, from before it existed, counts as its default only for
+    lambda_per_layer)."""
     m = (df["model"] == model) & (variant(df) == df["model"])
     for col, value in STANDARD.get(model, {}).items():
+        if col in but:
+            continue
         have = df[col] if col in df else pd.Series(None, index=df.index, dtype=object)
         if col == "lambda_per_layer":
             have = have.fillna(False)
