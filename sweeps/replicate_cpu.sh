@@ -8,21 +8,21 @@
 #   bash sweeps/replicate_cpu.sh [stage ...]      # default: every stage but restore, in this order
 #   bash sweeps/replicate_cpu.sh restore methods  # on a fresh machine: the committed records first
 #
-#   stage        runs  what                                                                 ~time*
+#   stage        runs  what                                                          recorded*
 #   restore         -  copy committed compact records (REMOE_RECORDS, default reports/runs) back into
 #                      $REMOE_OUTPUT/sweeps, so that on a fresh machine the stages skip runs already done
-#   methods        21  dense, Dense x8, hash, EC, TopK, aux-free, ReMoE x seeds 1-3 (E=8)    3.4 h
-#   experts        18  TopK, ReMoE x E=4,16,32 x seeds 1-3                                   2.2 h
-#   granularity    12  TopK, ReMoE x G=2,4 x seeds 1-3                                       1.6 h
-#   lb              6  TopK without aux loss, ReMoE with plain L1 x seeds 1-3                 45 min
-#   per_layer       3  ReMoE with one lambda controller per layer x seeds 1-3                 22 min
-#   sensitivity     8  ReMoE x lambda0 = 1e-16,1e-12,1e-4,1 and alpha = 1.05,1.1,1.3,1.5      1 h
+#   methods        21  dense, Dense x8, hash, EC, TopK, aux-free, ReMoE x seeds 1-3 (E=8)    4.1 h
+#   experts        18  TopK, ReMoE x E=4,16,32 x seeds 1-3                                   2.8 h
+#   granularity    12  TopK, ReMoE x G=2,4 x seeds 1-3                                       2.9 h
+#   lb              6  TopK without aux loss, ReMoE with plain L1 x seeds 1-3                 2.1 h
+#   per_layer       3  ReMoE with one lambda controller per layer x seeds 1-3                 29 min
+#   sensitivity     8  ReMoE x lambda0 = 1e-16,1e-12,1e-4,1 and alpha = 1.05,1.1,1.3,1.5      1.3 h
 #   records         -  copy the compact records to reports/runs/, then the report into reports/
-#   * on an otherwise idle 2-core CPU: 4x the same runs at 1,000 steps (size=study, the replication
-#     committed before, 2.45 h in all) and the regime search's 4,000-step runs (README "CPU replication");
-#     ~9.2 h in all. E=8 / G=1 / LB on / lambda0=1e-8 / alpha=1.2 / global lambda are the methods
-#     stage's runs, not run again. The records stage refuses (exit 2) while reports/runs holds records of
-#     another setting under the same names (the size=study replication's): move those first.
+#   * wall_time_s summed as recorded at commit 897bd36 on 2-core CPUs (Intel Xeon, AMD EPYC), some runs beside
+#     other work: 13.8 h in all (README "CPU replication"; ~10 min per run alone on the AMD EPYC). E=8 / G=1 /
+#     LB on / lambda0=1e-8 / alpha=1.2 / global lambda are the methods stage's runs, not run again. The
+#     records stage refuses (exit 2) while reports/runs holds records of another setting under the same
+#     names (as the size=study replication's did: they moved to reports/study1k/runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"

@@ -242,9 +242,15 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and not Path(kept[1]).exists()
 
 
-def test_committed_report_regenerates_from_committed_records(tmp_path):
+# the first replication (size=study, 1,000 steps), kept beside the study4k one that replaced it in reports/
+STUDY1K_ARGS = "--runs reports/study1k/runs --notes reports/study1k/notes.md --bench reports/bench/bench_*.json"
+
+
+@pytest.mark.parametrize("where", ["reports", "reports/study1k"])
+def test_committed_report_regenerates_from_committed_records(tmp_path, where):
     """Issue 20: reports/ is exactly what the replication's `records` stage makes from the committed run
-    records (reports/runs): same tables, index and figure names, byte for byte, and no stale file."""
+    records (reports/runs), and reports/study1k/ what the same command makes from the first replication's
+    (reports/study1k/runs): same tables, index and figure names, byte for byte, and no stale file."""
     import re
     import shlex
     import subprocess
@@ -253,7 +259,8 @@ def test_committed_report_regenerates_from_committed_records(tmp_path):
     from conftest import ROOT
 
     script = (ROOT / "sweeps" / "replicate_cpu.sh").read_text()
-    args = shlex.split(re.search(r'^REPORT_ARGS="(.*)"$', script, re.MULTILINE).group(1))
+    report_args = re.search(r'^REPORT_ARGS="(.*)"$', script, re.MULTILINE).group(1)
+    args = shlex.split(report_args if where == "reports" else STUDY1K_ARGS)
     args = [a for pat in args for a in (sorted(glob.glob(pat, root_dir=ROOT)) if "*" in pat else [pat])]
     out = tmp_path / "reports"
     p = subprocess.run([sys.executable, "src/report.py", *args, "--out", str(out)], cwd=ROOT, check=False,
@@ -265,9 +272,9 @@ def test_committed_report_regenerates_from_committed_records(tmp_path):
     runs = [line.split(" | ") for line in lines if "/model-dense" in line]
     assert runs and all(r[1] == ("dense×8" if "dense8" in r[0] else "dense") for r in runs)  # Runs table too
     made = {f.relative_to(out) for f in out.rglob("*") if f.is_file()}
-    committed = {f.relative_to(ROOT / "reports") for d in ("tables", "figures")
-                 for f in (ROOT / "reports" / d).rglob("*") if f.is_file()} | {Path("README.md")}
+    committed = {f.relative_to(ROOT / where) for d in ("tables", "figures")
+                 for f in (ROOT / where / d).rglob("*") if f.is_file()} | {Path("README.md")}
     assert made == committed
     for f in sorted(made):
         if f.suffix != ".png":  # figures: same names; PNG bytes follow the matplotlib build
-            assert (out / f).read_bytes() == (ROOT / "reports" / f).read_bytes(), f
+            assert (out / f).read_bytes() == (ROOT / where / f).read_bytes(), f
