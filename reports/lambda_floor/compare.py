@@ -1,4 +1,5 @@
-"""The replication's ReMoE G=4 seed 2 (897bd36, λ stuck) against the same run with λ floored (64fb89e).
+"""A replication run whose λ stuck (897bd36: ReMoE G=4 seed 2, λ0 = 1) against the same run with λ floored
+(64fb89e).
 Usage: python reports/lambda_floor/compare.py <run at 897bd36> <run at 64fb89e>"""
 import json
 import sys
@@ -23,6 +24,9 @@ same = (ta["train/lambda"].values[:n] == tb["train/lambda"].values[:n]) & \
 first = n if same.all() else int(np.argmin(same))
 print("identical λ and loss through step", ta.index[first - 1],
       "first difference at", ta.index[first] if first < n else None)
+same_loss = ta["train/loss"].values[:n] == tb["train/loss"].values[:n]
+first_loss = n if same_loss.all() else int(np.argmin(same_loss))
+print("identical loss through step", ta.index[first_loss - 1])
 floor = tb[tb["train/lambda"] <= LAMBDA_FLOOR]
 print("steps at the floor in the second run:", len(floor), "first", floor.index.min(),
       "last", floor.index.max())
