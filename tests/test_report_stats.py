@@ -195,7 +195,6 @@ def test_a_study_off_the_recipe_throughout_is_compared_within_its_recipe(tmp_pat
     assert "Every run here trains off" not in index and "Regime check (every run: W2 LR by fan_in)" in index
 
 
-
 def test_the_settling_trend_pools_only_the_sweeps_runs(tmp_path):
     """study4k: the α = 1.2 point of "settling time falls as α grows" averaged the per-layer λ runs (125, 309,
     111 steps) into the global λ's (136, 76, 76): 139 instead of 96. Only the standard setting but α counts."""
