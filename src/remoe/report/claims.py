@@ -177,7 +177,7 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
         es = sorted(gaps)
         out += [f"- The ReMoE advantage grows with E (paper: +0.010 at E=4 to +0.037 at E=128): "
                 f"{trend(es, [gaps[e] for e in es], +1)} — gaps "
-                + ", ".join(f"E={e}: {gaps[e]:+.4f}" for e in es) + "."]
+                + ", ".join(f"E={e:g}: {gaps[e]:+.4f}" for e in es) + "."]
     remoe = df[df["model"] == "remoe"]
     if len(remoe):
         runs = remoe[_standard(remoe, "remoe")]
