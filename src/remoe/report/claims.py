@@ -9,7 +9,8 @@ import pandas as pd
 from ..runs import RECIPE
 from .collect import inactive_cells, routing_share, short_path
 from .stats import Verdict, all_of, clear_gap, compare, trend
-from .tables import STD, _standard, identity_keys, off_recipe, paper_point, variant
+from .tables import (LB_KNOBS, STD, _standard, identity_keys, load_balanced, off_recipe, paper_point,
+                     variant)
 
 
 def _ms(v: pd.Series, digits: int = 4) -> str:
@@ -57,27 +58,13 @@ def inactive_experts(run_dir: str) -> int | None:
     return None if share is None else int(inactive_cells(share).sum())
 
 
-def _load_balanced(df: pd.DataFrame) -> pd.Series:
-    """Runs with a load-balancing mechanism on: ReMoE's LB-L1, TopK's aux loss, the aux-loss-free bias, and
-    Expert Choice (every expert takes C tokens by construction). Hash routing has none."""
-    col = lambda c: df[c] if c in df else pd.Series(None, index=df.index, dtype=float)  # noqa: E731
-    return ((df["model"] == "remoe") & (col("regularizer") == "lb_l1")) | \
-        ((df["model"] == "topk") & (col("aux_loss_coef").fillna(0) > 0)) | \
-        ((df["model"] == "auxfree") & (col("bias_update_rate").fillna(0) > 0)) | (df["model"] == "ec")
-
-
-# The knobs that turn a method's load balancing on or off (_load_balanced reads them); runs with and without
-# load balancing are compared only where every other identity field is equal
-LB_KNOBS = ("regularizer", "aux_loss_coef", "bias_update_rate")
-
-
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
     moe = df[df["model"].notna() & (df["model"] != "dense")].copy()
     moe["inactive"] = [inactive_experts(d) for d in moe["run_dir"]]
     moe = moe.dropna(subset=["inactive"])
     if moe.empty:
         return []
-    moe["lb"] = _load_balanced(moe)
+    moe["lb"] = load_balanced(moe)
     lb, nolb = moe[moe["lb"]], moe[~moe["lb"]]
     head = ("- Load balancing leaves no inactive expert (routed-token share < 1/(8·E·G) over the second half "
             "of training: the paper's 1/64 at E=8)")

@@ -99,6 +99,20 @@ def _standard(df: pd.DataFrame, model: str, but: tuple[str, ...] = ()) -> pd.Ser
     return m
 
 
+# The knobs that turn a method's load balancing on or off (load_balanced reads them); runs with and without
+# load balancing are compared only where every other identity field is equal
+LB_KNOBS = ("regularizer", "aux_loss_coef", "bias_update_rate")
+
+
+def load_balanced(df: pd.DataFrame) -> pd.Series:
+    """Runs with a load-balancing mechanism on: ReMoE's LB-L1, TopK's aux loss, the aux-loss-free bias, and
+    Expert Choice (every expert takes C tokens by construction). Hash routing has none."""
+    col = lambda c: df[c] if c in df else pd.Series(None, index=df.index, dtype=float)  # noqa: E731
+    return ((df["model"] == "remoe") & (col("regularizer") == "lb_l1")) | \
+        ((df["model"] == "topk") & (col("aux_loss_coef").fillna(0) > 0)) | \
+        ((df["model"] == "auxfree") & (col("bias_update_rate").fillna(0) > 0)) | (df["model"] == "ec")
+
+
 def standard_moe(df: pd.DataFrame) -> pd.Series:
     """Every MoE method's runs at its standard knobs."""
     m = pd.Series(False, index=df.index)
@@ -227,9 +241,7 @@ def lb_ablation(df: pd.DataFrame) -> pd.DataFrame | None:
     remoe = (df["model"] == "remoe") & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
     topk = df["model"] == "topk"
     sel = df[(remoe | topk) & paper_point(df)].copy()
-    sel["LB"] = ["yes" if (r.model == "remoe" and r.regularizer == "lb_l1")
-                 or (r.model == "topk" and r.aux_loss_coef > 0)
-                 else "no" for r in sel.itertuples()]
+    sel["LB"] = load_balanced(sel).map({True: "yes", False: "no"})
     if sel.empty or sel["LB"].nunique() < 2:
         return None
     sel, cols = with_downstream(sel)
