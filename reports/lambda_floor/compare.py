@@ -19,14 +19,19 @@ def load(run_dir):
 (ta, ja), (tb, jb) = load(sys.argv[1]), load(sys.argv[2])
 target = ja["target_sparsity"]
 n = min(len(ta), len(tb))
-same = (ta["train/lambda"].values[:n] == tb["train/lambda"].values[:n]) & \
-    (ta["train/loss"].values[:n] == tb["train/loss"].values[:n])
-first = n if same.all() else int(np.argmin(same))
+same_loss = ta["train/loss"].values[:n] == tb["train/loss"].values[:n]
+same = same_loss & (ta["train/lambda"].values[:n] == tb["train/lambda"].values[:n])
+
+
+def first_diff(eq):
+    """Index of the first False, or n when all are equal."""
+    return n if eq.all() else int(np.argmin(eq))
+
+
+first = first_diff(same)
 print("identical λ and loss through step", ta.index[first - 1],
       "first difference at", ta.index[first] if first < n else None)
-same_loss = ta["train/loss"].values[:n] == tb["train/loss"].values[:n]
-first_loss = n if same_loss.all() else int(np.argmin(same_loss))
-print("identical loss through step", ta.index[first_loss - 1])
+print("identical loss through step", ta.index[first_diff(same_loss) - 1])
 floor = tb[tb["train/lambda"] <= LAMBDA_FLOOR]
 print("steps at the floor in the second run:", len(floor), "first", floor.index.min(),
       "last", floor.index.max())
