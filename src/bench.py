@@ -13,6 +13,7 @@ reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-
 import argparse
 import sys
 
+from remoe.cli import ArgumentParser, UsageError, guard
 from remoe.bench.layer import bench_layer
 from remoe.bench.model import bench_models, paper_table
 from remoe.precision import cpu_info
@@ -27,38 +28,82 @@ def environment() -> dict:
             "grouped_mm": hasattr(torch, "_grouped_mm"), "cpu": cpu_info()}  # cpu: which bf16 machine
 
 
+def positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {v})")
+    return v
+
+
+def check_args(a) -> None:
+    """Every size a benchmark will build, checked before any compute (UsageError naming the flag)."""
+    import torch
+
+    from remoe.model import ModelConfig
+    from remoe.model.config import ConfigFieldError
+    from remoe.model.presets import preset_arch
+
+    if str(getattr(a, "device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device here (use --device cpu)")
+    try:
+        if a.cmd == "model":
+            arch = preset_arch(a.size)
+            for method in ("dense", "topk", "remoe"):
+                cfg = ModelConfig(**{**arch, "routing": method, "experts": a.experts, "topk": a.topk,
+                                     "granularity": a.granularity, "vocab_size": 4096})
+            if a.seq is not None and a.seq > cfg.max_seq_len:
+                raise UsageError(f"--seq: {a.seq} exceeds the {a.size} context of {cfg.max_seq_len}")
+        elif a.cmd == "layer":
+            for E in a.E:
+                for k in a.k:
+                    for G in a.G:
+                        ModelConfig(n_layer=1, d_model=a.d, n_head=8, n_kv_head=8, ffn_hidden=a.ffn, vocab_size=8,
+                                    routing="topk", experts=E, topk=k, granularity=G)
+        elif a.cmd == "gpu":
+            preset_arch(a.size)
+    except ConfigFieldError as e:
+        flag = {"experts": "--experts/--E", "topk": "--topk/--k", "granularity": "--granularity/--G",
+                "n_head": "--d", "d_model": "--d"}.get(e.field, e.field)
+        raise UsageError(f"{flag}: {e.msg}") from None
+    except ValueError as e:  # an unknown --size preset
+        raise UsageError(f"--size: {str(e).removeprefix('size: ')}") from None
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("model")
     m.add_argument("--size", default="tiny")
-    m.add_argument("--experts", type=int, default=8)
-    m.add_argument("--topk", type=int, default=1)
-    m.add_argument("--granularity", type=int, default=1)
+    m.add_argument("--experts", type=positive, default=8)
+    m.add_argument("--topk", type=positive, default=1)
+    m.add_argument("--granularity", type=positive, default=1)
     m.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     m.add_argument("--device", default="cpu")
-    m.add_argument("--batch", type=int, default=8)
-    m.add_argument("--seq", type=int, default=None)
-    m.add_argument("--reps", type=int, default=5)
+    m.add_argument("--batch", type=positive, default=8)
+    m.add_argument("--seq", type=positive, default=None)
+    m.add_argument("--reps", type=positive, default=5)
     m.add_argument("--out", default="bench_model.json")
     la = sub.add_parser("layer")
-    la.add_argument("--E", type=int, nargs="+", default=[8])
-    la.add_argument("--k", type=int, nargs="+", default=[1])
-    la.add_argument("--G", type=int, nargs="+", default=[1])
-    la.add_argument("--d", type=int, default=512)
-    la.add_argument("--ffn", type=int, default=1024)
-    la.add_argument("--tokens", type=int, default=4096)
+    la.add_argument("--E", type=positive, nargs="+", default=[8])
+    la.add_argument("--k", type=positive, nargs="+", default=[1])
+    la.add_argument("--G", type=positive, nargs="+", default=[1])
+    la.add_argument("--d", type=positive, default=512)
+    la.add_argument("--ffn", type=positive, default=1024)
+    la.add_argument("--tokens", type=positive, default=4096)
     la.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     la.add_argument("--device", default="cpu")
-    la.add_argument("--reps", type=int, default=10)
+    la.add_argument("--reps", type=positive, default=10)
     la.add_argument("--out", default="bench_layer.json")
     g = sub.add_parser("gpu", help="grouped-GEMM check + 182m throughput at E=8, 64 (G=1, 8) on one GPU")
     g.add_argument("--device", default="cuda")
     g.add_argument("--size", default="182m")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
-    g.add_argument("--batch", type=int, default=4)
-    g.add_argument("--seq", type=int, default=None)
-    g.add_argument("--reps", type=int, default=3)
+    g.add_argument("--batch", type=positive, default=4)
+    g.add_argument("--seq", type=positive, default=None)
+    g.add_argument("--reps", type=positive, default=3)
     g.add_argument("--configs", nargs="+", default=["8:1:1", "64:1:1", "64:1:8"], help="E:k:G to time")
     g.add_argument("--checks", nargs="+", default=["8:1:1", "8:2:1", "64:1:8"], help="E:k:G to check")
     g.add_argument("--out", default=None, help="default: reports/bench/gpu_<device name>.json")
@@ -66,32 +111,23 @@ def main() -> None:
     st.add_argument("--config", action="append", default=None,
                     help='train.py overrides of one config, quoted (repeatable); default: size=small, '
                          'model=dense, topk, remoe')
-    st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--steps", type=positive, default=20)
     st.add_argument("--warmup", type=int, default=5)
     st.add_argument("--out", default="bench_step.json")
     a = p.parse_args()
+    check_args(a)
     env = environment()
     if a.cmd == "step":
         from remoe.bench.step import bench_step, profile_table
-        from remoe.settings import ConfigError
 
         configs = [c.split() for c in (a.config or [f"size=small model={m}" for m in ("dense", "topk", "remoe")])]
-        if a.steps < 1 or a.warmup < 0:
-            print("bench step: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
-            sys.exit(2)
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
+        if a.warmup < 0:
+            raise UsageError(f"--warmup: must be >= 0 (got {a.warmup})")
+        from remoe.bench.step import compose_config
+        from remoe.settings import validate
 
-        try:
-            from remoe.settings import validate
-            from remoe.bench.step import compose_config
-
-            for c in configs:  # every config checked before any compute
-                validate(compose_config(c))
-        except (HydraException, OmegaConfBaseException, ValueError) as e:  # bad override / value (ConfigError)
-            print(f"bench step: {type(e).__name__ if not isinstance(e, ConfigError) else 'config error'}: "
-                  f"{str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+        for c in configs:  # every config checked before any compute (one line, exit 2: remoe.cli)
+            validate(compose_config(c))
         rows = []
         for c in configs:
             rows.append(bench_step(c, a.steps, a.warmup))
@@ -107,11 +143,10 @@ def main() -> None:
 
         try:
             configs, checks = [parse_config(c) for c in a.configs], [parse_config(c) for c in a.checks]
-            res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks,
-                            on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}))
         except ValueError as e:
-            print(f"bench gpu: {e}", file=sys.stderr)
-            sys.exit(2)
+            raise UsageError(str(e)) from None
+        res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks,
+                        on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}))
         out = out_path(res)
         print(table(res))
         print(f"-> {out}")
@@ -141,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guard(main, "bench")

@@ -11,13 +11,13 @@ reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-
 import sys
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from remoe.cli import guard
 from remoe.console import quiet_third_party
 from remoe.model.presets import CONF_DIR
 from remoe.plan import check_fits, describe, plan_for, strategy_of
-from remoe.settings import ConfigError, derive, register_resolvers, validate
+from remoe.settings import derive, register_resolvers, validate
 
 register_resolvers()
 quiet_third_party()
@@ -25,16 +25,15 @@ quiet_third_party()
 
 def main() -> None:
     """Composes conf/ like train.py (no run folder is made: nothing runs)."""
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=sys.argv[1:], return_hydra_config=True)
-        OmegaConf.set_struct(cfg, False)
-        cfg.pop("hydra")
-        mcfg = validate(cfg)
-        derive(cfg)
-    except (ConfigError, HydraException) as e:
-        print(f"config error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=sys.argv[1:], return_hydra_config=True)
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra")
+    mcfg = validate(cfg)  # ConfigError: one line, exit 2 (remoe.cli)
+    derive(cfg)
     p = plan_for(cfg, mcfg)
     print(describe(p))
     why = check_fits(p, strategy_of(cfg.trainer))
@@ -45,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guard(main, "plan")

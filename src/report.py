@@ -3,16 +3,16 @@
 `python src/report.py --keep-records SRC DEST` copies the compact record of every completed run under SRC
 (summary, resolved config, metrics, routing logs; no checkpoints) to DEST, e.g. reports/runs."""
 
-import argparse
 import logging
 import os
 import sys
 
+from remoe.cli import ArgumentParser, UsageError, guard
 from remoe.report import build_report
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--runs", nargs="+", default=["outputs"], help="run roots (single runs, multirun folders)")
     p.add_argument("--out", default="reports", help="output folder")
     p.add_argument("--bench", nargs="*", default=None,
@@ -29,21 +29,22 @@ def main() -> None:
 
         src, dest = a.keep_records
         if not os.path.isdir(src):
-            print(f"report: no such folder {src!r}", file=sys.stderr)
-            sys.exit(2)
+            raise UsageError(f"--keep-records: no such folder {src!r}")
         try:
             written = keep_records(src, dest)
         except ValueError as e:
-            print(f"report: {e}", file=sys.stderr)
-            sys.exit(2)
+            raise UsageError(f"--keep-records: {e}") from None
         print(f"{len(written)} run records copied to {dest}")
         return
     missing = [r for r in a.runs if not os.path.isdir(r)]
-    if missing or (a.notes and not os.path.isfile(a.notes)):
-        print(f"report: no such folder {missing[0]!r}" if missing else f"report: no such file {a.notes!r}",
-              file=sys.stderr)
-        sys.exit(2)
-    notes = open(a.notes).read() if a.notes else None
+    if missing:
+        raise UsageError(f"--runs: no such folder {missing[0]!r}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise UsageError(f"--out: {a.out!r} exists and is not a folder")
+    try:
+        notes = open(a.notes, encoding="utf-8").read() if a.notes else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--notes: cannot read {a.notes!r} ({type(e).__name__})") from None
     res = build_report(a.runs, a.out, a.bench, notes, force=a.force)
     if res is None:
         print(f"report: no usable run under {', '.join(a.runs)}; {a.out}/README.md left as it is "
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    guard(main, "report")

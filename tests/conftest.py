@@ -48,7 +48,7 @@ def train(cache_dir, tmp_path):
     def run(*args, out=None, timeout=600, check=True):
         out = Path(out or tmp_path / "out")
         env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true",
-               "HYDRA_FULL_ERROR": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # errors as a user sees them (remoe.cli)
         p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=timeout)
         if check and p.returncode != 0:

@@ -250,5 +250,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path):
         assert p.returncode == 2 and len(lines) == 1 and why in lines[0], (why, p.stdout, p.stderr)
         assert sorted(os.listdir(tmp_path)) == before  # nothing written, no partial folder left
     assert os.listdir(busy) == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
-    p = _export_cli(tmp_path, f"checkpoint={runs['remoe']}", f"out={busy}", "overwrite=true")
-    assert p.returncode == 0 and (busy / "config.json").exists() and not (busy / "keep.txt").exists()
+    p = _export_cli(tmp_path, f"checkpoint={runs['remoe']}", f"out={busy}", "overwrite=true")  # not an export
+    assert p.returncode == 2 and "not an earlier remoe export" in p.stderr and os.listdir(busy) == ["keep.txt"]
+    earlier = tmp_path / "earlier"
+    assert _export_cli(tmp_path, f"checkpoint={runs['remoe']}", f"out={earlier}").returncode == 0
+    (earlier / "extra.txt").write_text("from the earlier export")
+    p = _export_cli(tmp_path, f"checkpoint={runs['remoe']}", f"out={earlier}", "overwrite=true")
+    assert p.returncode == 0 and (earlier / "config.json").exists() and not (earlier / "extra.txt").exists()

@@ -146,3 +146,19 @@ def test_train_from_prepared_resumes_at_the_exact_batch_and_refuses_a_larger_bud
     p, root = train(*args, f"trainer.max_steps={too_many}", out=tmp_path / "big", check=False)
     assert p.returncode == 2 and "trainer.max_steps" in p.stderr + p.stdout
     assert not list(Path(root).rglob("summary.json"))
+
+
+def test_prepare_text_files_given_as_a_list(tmp_path):
+    """data.files as a YAML list (a ListConfig inside the data module): prepared, recorded as plain JSON, and
+    no temporary folder left beside the output."""
+    corpus = tmp_path / "corpus" / "docs"
+    corpus.mkdir(parents=True)
+    words = [f"w{i}" for i in range(200)]
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(" ".join(words[(i * 7 + j) % 200] for j in range(3000)))
+    files = sorted(str(p) for p in corpus.glob("*.txt"))
+    out = tmp_path / "prepared"
+    prepare(tmp_path, "data=text_files", f"data.files=[{','.join(files)}]", "data.vocab_size=300",
+            "data.val_percent=30", "size.seq_len=32", f"out={out}", "load_check_batches=2")
+    assert read_prepared(str(out))["files"] == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus", "prepared"]

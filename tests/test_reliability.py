@@ -170,9 +170,32 @@ def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, tmp_pa
     lam = series(run, "train/lambda")
     ratios = [lam[i + 1] / lam[i] for i in range(4, 7)]
     assert all(r == pytest.approx(2.0, rel=1e-5) or r == pytest.approx(0.5, rel=1e-5) for r in ratios)
+    assert s["resume_changes"] == [{"step": 4, "key": "model.alpha", "before": "1.2", "after": "2.0"},
+                                   {"step": 4, "key": "trainer.max_steps", "before": "4", "after": "8"}]
     before = _snapshot(run)
     p, _ = train(*base, "trainer.max_steps=12", "resume=true", "optim.ffn_down_lr=fan_in", check=False)
     assert p.returncode == 2 and "optim.ffn_down_lr='same' there, 'fan_in' here" in p.stdout + p.stderr
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("change,key", [(["size.lr=5e-3"], "optim.lr"),  # typed as size.lr, trained as optim.lr
+                                        (["size.global_batch_size=16"], "size.global_batch_size"),
+                                        (["seed=7"], "seed"),
+                                        (["trainer=ddp", "trainer.devices=2"], "trainer.devices")])
+def test_a_resume_that_would_change_what_the_run_trains_is_refused(train, tmp_path, change, key):
+    """A resume may change trainer.max_steps and the routing method's knobs (recorded, above); any other
+    training key, or the device count (each rank's batches follow from it), is refused in one line naming
+    it, exit 2, before the folder is touched: config_resolved.yaml would otherwise claim the new values for
+    the whole run, and train_tokens count the wrong batch."""
+    run = tmp_path / "r"
+    base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=2", "size.ckpt_interval=2",
+            "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
+    train(*base, "trainer.max_steps=2")
+    before = _snapshot(run)
+    p, _ = train(*base, "trainer.max_steps=4", "resume=true", *change, check=False)
+    lines = [x for x in p.stderr.splitlines() if "config error" in x]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"{key}:" in lines[0], lines[0]
     assert _snapshot(run) == before
 
 
@@ -429,3 +452,90 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
     assert b["resumed_from"].endswith("last.ckpt") and b["steps"] == 20
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6) and b["lambda"] == pytest.approx(a["lambda"], rel=1e-6)
     assert series(runs["cut"], "train/loss")[19] == pytest.approx(series(runs["fsdp"], "train/loss")[19], rel=1e-6)
+
+
+# ---- a full disk during a checkpoint save -----------------------------------------------------------
+def _in_tmpfs(script: str, size_mb: int, tmp_path) -> subprocess.CompletedProcess:
+    """Run a bash script with $T a fresh tmpfs of size_mb (its own mount namespace: unshare, no root needed
+    where user namespaces are allowed); the script may write results outside $T."""
+    import shutil as _sh
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    body = f"set -e\nmount -t tmpfs -o size={size_mb}m tmpfs {mnt}\nexport T={mnt}\n{script}"
+    if _sh.which("unshare") and subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
+                                               capture_output=True).returncode == 0:
+        cmd = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", body]
+    else:
+        pytest.skip("cannot mount a tmpfs here (no user namespaces): the full-disk tests need one")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+SAVE_BOTH = """
+import json, os, sys, torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from remoe.checkpoint import checkpoint_io
+T, out = os.environ["T"], {}
+for name, io in (("lightning", TorchCheckpointIO()), ("remoe", checkpoint_io())):
+    path = os.path.join(T, name + ".ckpt")
+    io.save_checkpoint({"w": torch.ones(1_000_000), "step": 1}, path)  # 4 MB
+    free = os.statvfs(T).f_bavail * os.statvfs(T).f_frsize
+    filler = os.path.join(T, name + ".filler")
+    with open(filler, "wb") as f:
+        f.write(b"x" * (free - (6 << 20)))  # 6 MB left: the next save needs 12 MB
+    try:
+        io.save_checkpoint({"w": torch.ones(3_000_000), "step": 2}, path)  # 12 MB: the disk fills during it
+        saved = "saved"
+    except (OSError, RuntimeError) as e:
+        saved = type(e).__name__
+    try:
+        step = torch.load(path, weights_only=True)["step"]
+    except Exception as e:
+        step = type(e).__name__
+    os.unlink(filler)
+    out[name] = {"save": saved, "after": step, "left": sorted(os.listdir(T))}
+print(json.dumps(out))
+"""
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """A checkpoint is written beside its target and renamed over it (remoe.checkpoint.save_atomic). Lightning's
+    own save writes to $TMPDIR first and, when that is another file system (here: $TMPDIR on disk, the run on
+    a tmpfs), copies over the target in place: a disk that fills during that copy leaves no checkpoint."""
+    p = _in_tmpfs(f"cd {tmp_path} && TMPDIR={tmp_path} {sys.executable} -c '{SAVE_BOTH}'", 24, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["remoe"]["save"] == "OSError" and res["remoe"]["after"] == 1  # refused whole; the old one loads
+    assert res["remoe"]["left"] == ["lightning.ckpt", "remoe.ckpt"]  # no partial file left beside it
+    assert res["lightning"]["after"] != 1  # Lightning's in-place copy lost it (the defect this IO avoids)
+
+
+def test_a_run_whose_disk_fills_during_a_save_ends_failed_with_its_last_checkpoint_whole(tmp_path, cache_dir):
+    """End to end: a run on a 40 MB tmpfs; after its first checkpoint (step 10) the disk is filled to leave
+    less than a checkpoint; the step-20 save fails: the run ends `failed` with one line naming the error,
+    and last.ckpt is the step-10 checkpoint, whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+cd $T
+REMOE_CACHE={cache_dir} WANDB_SILENT=true {sys.executable} {ROOT / 'src' / 'train.py'} logger=csv eval=none \\
+  analysis.batches=0 trainer.max_steps=60 size.ckpt_interval=10 size.val_interval=10 size.val_batches=2 \\
+  trainer.enable_progress_bar=false hydra.run.dir=$T/run > {out}/stdout.txt 2> {out}/stderr.txt &
+pid=$!
+while [ ! -f $T/run/checkpoints/last.ckpt ]; do sleep 0.01; done
+{sys.executable} -c "import os; s = os.statvfs('$T'); open('$T/filler', 'wb').write(b'x' * (s.f_bavail * s.f_frsize - (6 << 20)))"
+set +e
+wait $pid
+echo $? > {out}/rc.txt
+{sys.executable} -c "import torch; print(torch.load('$T/run/checkpoints/last.ckpt', weights_only=True)['global_step'])" > {out}/step.txt
+cp $T/run/summary.json {out}/summary.json
+ls -a $T/run/checkpoints > {out}/ls.txt
+"""
+    p = _in_tmpfs(script, 40, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rc, step = int((out / "rc.txt").read_text()), int((out / "step.txt").read_text())
+    s = json.loads((out / "summary.json").read_text())
+    err = [x for x in (out / "stderr.txt").read_text().splitlines() if x.startswith("train:")]
+    assert rc == 1 and step == 10 and s["status"] == "failed" and "No space left" in s["error"], (rc, step, s["error"])
+    assert len(err) == 1 and "No space left" in err[0] and "Traceback" not in (out / "stderr.txt").read_text()
+    assert (out / "ls.txt").read_text().split() == [".", "..", "last.ckpt"]  # no partial file beside it

@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 
+from .cli import UsageError
 from .model import ModelConfig, Transformer
 
 log = logging.getLogger("remoe")
@@ -30,8 +31,58 @@ TRAINING_CONFIG = "training_config.yaml"  # the run's config_resolved.yaml (eval
 TRAINING_SUMMARY = "training_summary.json"  # the run's summary.json
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """Bad input to the export: a one-line message naming the key; nothing written."""
+
+
+def is_export(folder: str) -> bool:
+    """Whether a folder holds a model exported by remoe (config.json with its "remoe" architecture)."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return "remoe" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_out(checkpoint: str, out: str, overwrite: bool) -> None:
+    """Refuse an output folder that would replace or sit inside what the export reads (the checkpoint, its
+    run folder), an existing non-empty folder without overwrite=true, and anything but an earlier export
+    with it; nothing is written before these pass."""
+    from .checkpoint import overlaps, run_dir_of
+
+    for what, path in (("the checkpoint", checkpoint), ("the checkpoint's run folder", run_dir_of(checkpoint))):
+        if path and os.path.exists(path) and overlaps(out, path):
+            raise ExportError(f"out: {out} is, holds or lies inside {what} ({path}): an export never writes "
+                              "into what it reads; choose a folder outside it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"out: {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise ExportError(f"out: {out} exists and is not empty; choose another folder or set overwrite=true")
+        if not is_export(out):
+            raise ExportError(f"out: {out} is not an earlier remoe export; overwrite=true replaces only those")
+    parent = os.path.dirname(out)
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise ExportError(f"out: cannot write into {probe} (permission denied or read-only)")
+
+
+def _remove_stale_temps(parent: str, name: str) -> None:
+    """Leftovers of an export killed midway (<name>_partial_<pid>_*, <name>_old_<pid>_*) whose process is gone."""
+    from .runs import pid_alive
+
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        for kind in ("_partial_", "_old_"):
+            if entry.startswith(name + kind):
+                pid = entry[len(name + kind):].split("_", 1)[0]
+                if pid.isdigit() and not pid_alive(int(pid)):
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                    log.warning("export: removed %s, left by an export that was stopped midway",
+                                os.path.join(parent, entry))
 
 
 # ---- dense <-> LLaMA ----------------------------------------------------------------------------------
@@ -236,20 +287,19 @@ def export(
         from transformers import AutoModelForCausalLM, GenerationConfig
     except ImportError:
         raise ExportError("export needs transformers: pip install -e '.[hf]'") from None
+    from .checkpoint import run_dir_of
+    from .runs import read_summary
+
     out = os.path.abspath(out)
-    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out) and not overwrite):
-        raise ExportError(f"out: {out} exists and is not empty; choose another folder or set overwrite=true")
-    try:
-        model, tokenizer, _ = load_checkpoint(checkpoint)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
+    _check_out(checkpoint, out, overwrite)
+    model, tokenizer, _ = load_checkpoint(checkpoint)  # CheckpointError: one line, exit 2
     cfg = model.cfg
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-    parent = os.path.dirname(out)
+    run_dir = run_dir_of(checkpoint)
+    summary = (read_summary(run_dir) or {}) if run_dir else {}
+    parent, name = os.path.dirname(out), os.path.basename(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + "_partial_", dir=parent)
+    _remove_stale_temps(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f"{name}_partial_{os.getpid()}_", dir=parent)
     try:
         hf = hf_model(model)
         tok = hf_tokenizer(tokenizer, cfg)
@@ -261,7 +311,7 @@ def export(
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(cfg, summary, None))
         for src, dst in (("config_resolved.yaml", TRAINING_CONFIG), ("summary.json", TRAINING_SUMMARY)):
-            if os.path.isfile(os.path.join(run_dir, src)):
+            if run_dir and os.path.isfile(os.path.join(run_dir, src)):
                 shutil.copyfile(os.path.join(run_dir, src), os.path.join(tmp, dst))
         if verify:
             back = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=cfg.is_moe).eval()
@@ -273,7 +323,7 @@ def export(
                 )
             log.info("export: exported logits match the checkpoint's (max abs diff %.3g)", diff)
         if os.path.isdir(out):  # overwrite=true: the old folder goes only once the new one is complete
-            old = tempfile.mkdtemp(prefix=os.path.basename(out) + "_old_", dir=parent)
+            old = tempfile.mkdtemp(prefix=f"{name}_old_{os.getpid()}_", dir=parent)
             os.replace(out, os.path.join(old, "x"))
             os.replace(tmp, out)
             shutil.rmtree(old)
@@ -309,39 +359,62 @@ def push_to_hub(folder: str, repo: str) -> str:
 # ---- import -------------------------------------------------------------------------------------------
 def load_hf(folder: str) -> tuple[Transformer, object, dict]:
     """(model, tokenizer, config.json) from an exported folder, with the exported weights bit for bit;
-    needs neither transformers nor the folder's code (safetensors and remoe only)."""
+    needs neither transformers nor the folder's code (safetensors and remoe only: no code from the folder
+    runs). A folder that is not such an export is a CheckpointError naming it."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint: {folder!r} has no config.json (not an exported model)")
-    config = json.load(open(path))
-    if "remoe" not in config:
-        raise ValueError(f"checkpoint: {folder!r} was not exported by remoe (config.json has no 'remoe')")
-    cfg = ModelConfig.from_dict(config["remoe"])
-    index = os.path.join(folder, "model.safetensors.index.json")
-    files = (
-        sorted(set(json.load(open(index))["weight_map"].values()))
-        if os.path.isfile(index)
-        else ["model.safetensors"]
-    )
-    state = {}
-    for f in files:
-        state.update(load_file(os.path.join(folder, f)))
-    if config.get("model_type") == "llama":
-        state = from_llama(state, cfg)
-    else:
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-    model = Transformer(cfg)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), Tokenizer.from_file(os.path.join(folder, "tokenizer.json")), config
+    from .checkpoint import CheckpointError, check_shapes
+
+    def fail(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint: {folder!r} {why}")
+
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise fail("has no config.json (not an exported model)") from None
+    except (OSError, ValueError) as e:
+        raise fail(f"has an unreadable config.json ({type(e).__name__})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("remoe"), dict):
+        raise fail("was not exported by remoe (config.json has no 'remoe' architecture)")
+    try:
+        cfg = ModelConfig.from_dict(config["remoe"])
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        if any(not isinstance(n, str) or os.path.basename(n) != n for n in files):
+            raise ValueError("its weight map names files outside the folder")
+        shapes = {}
+        for name in files:
+            with safe_open(os.path.join(folder, name), framework="pt") as st:
+                shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+        if config.get("model_type") == "llama":
+            shapes = {k: tuple(v.shape) for k, v in from_llama(
+                {k: torch.empty(s, device="meta") for k, s in shapes.items()}, cfg).items()}
+        else:
+            shapes = {k.removeprefix("model."): v for k, v in shapes.items()}
+        check_shapes(cfg, {f"model.{k}": v for k, v in shapes.items()})
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(folder, name)))
+        state = from_llama(state, cfg) if config.get("model_type") == "llama" else \
+            {k.removeprefix("model."): v for k, v in state.items()}
+        model = Transformer(cfg)
+        model.load_state_dict(state, strict=True)
+        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    except Exception as e:  # a missing shard, a foreign architecture, a damaged file ...
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else "-"
+        raise fail(f"cannot be loaded as the model its config describes ({type(e).__name__}: {why})") from None
+    return model.eval(), tokenizer, config
 
 
 # ---- entry point (src/export.py, console script remoe-export) -----------------------------------------
 def _main(cfg) -> None:
-    import sys
-
     from .console import quiet_third_party
 
     quiet_third_party()
@@ -351,25 +424,20 @@ def _main(cfg) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    try:
-        out = export(
-            cfg.checkpoint,
-            cfg.out,
-            overwrite=cfg.overwrite,
-            max_shard_size=cfg.max_shard_size,
-            verify=cfg.verify,
-        )
-        print(f"remoe: exported {cfg.checkpoint} -> {out}", flush=True)
-        if cfg.push_to_hub:
-            print(f"remoe: uploaded to {push_to_hub(out, cfg.push_to_hub)}", flush=True)
-    except ExportError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    out = export(cfg.checkpoint, cfg.out, overwrite=cfg.overwrite, max_shard_size=cfg.max_shard_size,
+                 verify=cfg.verify)
+    print(f"remoe: exported {cfg.checkpoint} -> {out}", flush=True)
+    if cfg.push_to_hub:
+        print(f"remoe: uploaded to {push_to_hub(out, cfg.push_to_hub)}", flush=True)
 
 
 def main() -> None:
+    """src/export.py and the remoe-export console script: Hydra composes conf/export.yaml; remoe.cli.guard
+    turns bad input into one line and exit code 2."""
     import hydra
 
+    from .cli import guard, task
     from .model.presets import CONF_DIR
 
-    hydra.main(config_path=str(CONF_DIR), config_name="export", version_base="1.3")(_main)()
+    guard(hydra.main(config_path=str(CONF_DIR), config_name="export", version_base="1.3")(task("export")(_main)),
+          "export")

@@ -25,14 +25,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import plan, precision
 from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput
+from .checkpoint import checkpoint_io, remove_stale_partials
 from .console import closing_line
 from .cpu import malloc_settings
 from .lit import LitLM, compile_blocks
 from .model import ModelConfig
 from .model.config import split_legacy
 from .loggers import CSVLogger
-from .runs import (RECIPE, SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit, package_versions,
-                   read_config, read_summary, training_changes, write_json_atomic, write_text_atomic)
+from .runs import (RECIPE, RESUMABLE, RESUME_CHANGES, SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit,
+                   package_versions, read_config, read_resume_changes, read_summary, training_changes,
+                   write_json_atomic, write_text_atomic)
 from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -83,7 +85,11 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 
 def _changes_since(cfg: DictConfig, run_dir: str) -> list[str]:
     """How this config trains differently from the run folder's completed run (runs.training_changes)."""
-    if (saved := read_config(run_dir)) is None:
+    try:
+        saved = read_config(run_dir)
+    except ValueError as e:
+        raise ConfigError(f"skip_completed: {e}") from None
+    if saved is None:
         return []  # a record without its config: nothing to compare
     here = copy.deepcopy(cfg)
     derive(here)  # as the saved config was written (the derived micro-batch)
@@ -162,13 +168,53 @@ class Resume(NamedTuple):
     path: str | None = None  # checkpoints/last.ckpt, or None: start from scratch
     arch: dict | None = None  # the checkpoint's architecture
     step: int = 0  # the optimizer step training continues from
+    changes: tuple = ()  # the RESUMABLE keys this resume changes: ({step, key, before, after}, ...)
+
+
+def _resume_changes(cfg: DictConfig, run_dir: str, step: int) -> tuple:
+    """What this resume changes against the run's config_resolved.yaml: ConfigError naming every training
+    key a resume may not change (runs.RESUMABLE: the step count and routing-method knobs may), and the
+    device count (each rank's batches are a function of the world size); the allowed changes, to record."""
+    from .settings import ARCH_FIELDS
+
+    try:
+        saved = read_config(run_dir)
+    except ValueError as e:
+        raise ConfigError(f"resume: {e}; nothing in the run folder was changed") from None
+    if saved is None:
+        return ()
+    here = OmegaConf.to_container(cfg, resolve=True)
+    refused, allowed = [], []
+    for line in training_changes(saved, here):
+        key = line.split(":", 1)[0]
+        leaf = key.removeprefix("model.")
+        knob = key.startswith("model.") and "." not in leaf and leaf not in ARCH_FIELDS | {"name"}
+        (allowed if key in RESUMABLE or knob else refused).append(line)
+    if refused:
+        raise ConfigError(f"resume: {refused[0].split(':')[0]}: changed since this run started ({'; '.join(refused)}); "
+                          "a resume may change only trainer.max_steps and the routing method's knobs "
+                          "(docs/reliability.md): continue with the run's own settings, or train the new ones in another folder")
+    try:
+        before = world_size(OmegaConf.create(saved))
+    except (ConfigError, ValueError, KeyError, AttributeError):
+        before = None
+    if before is not None and before != world_size(cfg):
+        raise ConfigError(f"trainer.devices: this run trained on {before} devices x nodes, this resume has "
+                          f"{world_size(cfg)}; each rank's batches depend on the device count, so the run would "
+                          "not see the batches it was seeded with: resume on the same count")
+    out = []
+    for line in allowed:
+        key, rest = line.split(": ", 1)
+        a, b = rest.split(" there, ")
+        out.append({"step": step, "key": key, "before": a, "after": b.removesuffix(" here")})
+    return tuple(out)
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resume:
     """The checkpoint to resume from, checked before the run folder is touched: a file
     that cannot be loaded, or that holds another architecture, is a ConfigError naming it. (Routing-method
     knobs such as alpha may change on resume: they are not the model.)"""
-    from .checkpoint import read_meta
+    from .checkpoint import is_sharded, read_meta, read_sharded_metadata
 
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not cfg.resume:
@@ -178,6 +224,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
         return Resume()
     try:
         ckpt = read_meta(last)  # a file, or a sharded folder (trainer=fsdp)
+        if is_sharded(last):
+            read_sharded_metadata(last)  # its shards' index, read without running code
         saved, step = split_legacy(ckpt["hyper_parameters"]["model"])[0], int(ckpt["global_step"])
     except Exception as e:  # noqa: BLE001 - any reason a checkpoint cannot be read is reported the same way
         reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
@@ -190,11 +238,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
     if changed:  # the optimizer's parameter groups (and their LRs) are the checkpoint's
         raise ConfigError("resume: the checkpoint was trained with another optimizer recipe: "
                           + ", ".join(changed))
-    return Resume(last, saved, step)
+    return Resume(last, saved, step, _resume_changes(cfg, run_dir, step))
 
 
 def _callbacks(cfg: DictConfig, run_dir: str, lit: LitLM) -> list[L.Callback]:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if rank_zero_only.rank == 0 and os.path.isdir(ckpt_dir):
+        remove_stale_partials(ckpt_dir)  # a save cut short by a kill (checkpoint.save_atomic)
     callbacks = [
         L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                             every_n_train_steps=cfg.size.ckpt_interval),
@@ -319,6 +369,13 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
                          git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
                          malloc=malloc_settings())
     summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails
+    changes = (read_resume_changes(run_dir) if resume.path else []) + list(resume.changes)
+    summary.update(resume_changes=changes or None)  # config_resolved.yaml holds this attempt's values
+    if rank_zero_only.rank == 0 and resume.changes:
+        write_json_atomic(os.path.join(run_dir, RESUME_CHANGES), changes)
+    elif rank_zero_only.rank == 0 and not resume.path and os.path.exists(os.path.join(run_dir, RESUME_CHANGES)):
+        os.replace(os.path.join(run_dir, RESUME_CHANGES),  # a fresh start: an earlier run's record is kept aside
+                   os.path.join(run_dir, f"resume_changes-{time.strftime('%Y%m%d-%H%M%S')}.json"))
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     if rank_zero_only.rank == 0 and not completed_before:  # a completed run's config stays until replaced
         write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
@@ -331,7 +388,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
             _check_arch(resume.arch, mcfg)
         counts = mcfg.param_counts()
         summary.update(total_params=counts["total"], active_params=counts["active"],
-                       vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint)
+                       vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint, seq_len=cfg.size.seq_len,
+                       train_sequences=dm.train_sequences)
         lit = LitLM(model=mcfg, routing=routing_knobs(cfg),
                     optim=OmegaConf.to_container(cfg.optim, resolve=True),
                     routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
@@ -347,7 +405,8 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
             if isinstance(lg, CSVLogger) and rank_zero_only.rank == 0:
                 lg.start_at(resume.step)  # metrics.csv: keep the rows before it, drop the rest
         callbacks = _callbacks(cfg, run_dir, lit)
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                              plugins=[checkpoint_io()])  # saves beside last.ckpt, then renames
         t_fit = time.time()
         trainer.fit(lit, datamodule=dm, ckpt_path=resume.path)
         fit_s = time.time() - t_fit

@@ -7,6 +7,7 @@ The report stage reads only run directories, so everything it needs is written h
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -56,6 +57,13 @@ RECIPE = {"router_lr_scale": 1.0, "ffn_down_lr": "same"}
 # speed-only knobs (compile, moe_recompute_above: same losses) are not among them.
 TRAINING_KEYS = ("model", "size", "data", "optim", "experts", "topk", "granularity", "seed", "load_balancing",
                  "trainer.max_steps")
+# Leaves under TRAINING_KEYS that change when a run is checked or validated, not what it trains
+NOT_TRAINING = ("size.val_interval", "size.ckpt_interval", "data.micro_batch_size")  # the last: derived
+# What a resume may change (recorded in resume_changes.json and summary.json `resume_changes`): the step count
+# (an extension: the schedule is stretched from the resume on) and the routing method's training knobs (not
+# its architecture: model.<ModelConfig field> is refused). Any other training key is refused.
+RESUMABLE = ("trainer.max_steps", "size.max_steps", "load_balancing")
+RESUME_CHANGES = "resume_changes.json"
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -79,6 +87,8 @@ def training_changes(saved: dict, cfg: dict) -> list[str]:
         return out
 
     a, b = flat(saved), flat(cfg)
+    for k in NOT_TRAINING:
+        a.pop(k, None), b.pop(k, None)
     for k, v in RECIPE.items():
         a.setdefault(f"optim.{k}", v)
         b.setdefault(f"optim.{k}", v)
@@ -129,6 +139,8 @@ class RunSummary:
     precision_choice: dict | None = None  # how it was chosen: requested, reason, timings (remoe.precision)
     cpu: dict | None = None  # CPU model and the flags that decide bf16 speed
     corpus: str | None = _f(identity=True)  # fingerprint of the training corpus
+    seq_len: int | None = None  # tokens per sequence (each holds seq_len + 1: inputs and targets)
+    train_sequences: int | None = None  # the corpus's training sequences (a pass = this many / global batch)
     vocab_size: int | None = None
     total_params: int | None = None
     active_params: int | None = None
@@ -150,6 +162,7 @@ class RunSummary:
     world_size: int | None = None
     rank_states: dict | None = None  # the routing method's end state on every rank (must agree)
     resumed_from: str | None = None
+    resume_changes: list | None = None  # what resumes changed: [{step, key, before, after}] (RESUMABLE keys)
     downstream: dict | None = None  # task -> metric -> value (lm-eval, stderrs included)
     downstream_meta: dict | None = None  # suite, lm-eval versions, samples, source (training or a checkpoint)
     downstream_error: str | None = None
@@ -198,6 +211,23 @@ class RunSummary:
     def write(self, run_dir: str) -> None:
         write_json_atomic(os.path.join(run_dir, SUMMARY), self.to_json())
 
+    @classmethod
+    def problem(cls, d: dict) -> str | None:
+        """Why a stored summary cannot be read as this contract (a value of the wrong type, e.g. a number
+        field holding text), or None. Undeclared keys are not checked (newer records)."""
+        kinds = {"int": int, "float": (int, float), "str": str, "dict": dict, "list": list, "bool": bool}
+        for f in fields(cls):
+            v = d.get(cls.key(f))
+            if v is None:
+                continue
+            want = tuple(kinds[t] for t in str(f.type).replace(" ", "").split("|") if t in kinds)
+            wrong = not isinstance(v, want) or (isinstance(v, bool) and bool not in want)
+            if not wrong and isinstance(v, float) and not math.isfinite(v) and f.metadata.get("required"):
+                wrong = True
+            if want and wrong:
+                return f"summary.json field {cls.key(f)!r} holds {type(v).__name__} {str(v)[:40]!r}"
+        return None
+
 
 def read_summary(run_dir: str) -> dict | None:
     try:
@@ -208,13 +238,30 @@ def read_summary(run_dir: str) -> dict | None:
 
 
 def read_config(run_dir: str) -> dict | None:
-    """A run folder's config_resolved.yaml as a plain dict; None where there is none."""
+    """A run folder's config_resolved.yaml as a plain dict; None where there is none. OmegaConf reads YAML
+    with a safe loader (no Python tags: nothing in the file is executed); a file that is not such YAML is
+    a ValueError naming it."""
     from omegaconf import OmegaConf
 
+    path = os.path.join(run_dir, "config_resolved.yaml")
     try:
-        return OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config_resolved.yaml")))
+        out = OmegaConf.to_container(OmegaConf.load(path))
     except FileNotFoundError:
         return None
+    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's errors, unreadable bytes
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} is not a config (a YAML mapping)")
+    return out
+
+
+def read_resume_changes(run_dir: str) -> list[dict]:
+    try:
+        with open(os.path.join(run_dir, RESUME_CHANGES)) as f:
+            out = json.load(f)
+        return out if isinstance(out, list) else []
+    except (OSError, ValueError):
+        return []
 
 
 def keep_records(src_root: str, dest_root: str) -> list[str]:
@@ -276,6 +323,17 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine is still running (for leftovers named by their writer's pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunFolderBusy(RuntimeError):

@@ -9,6 +9,7 @@ user would type: a field set through an interpolation (`experts: ${experts}`) is
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import fields
 from functools import cache
@@ -17,6 +18,7 @@ from typing import get_args
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .cli import UsageError
 from .lit import FFN_DOWN_LR
 from .model import ModelConfig, RoutingMethod, build_method
 from .model.config import ConfigFieldError
@@ -36,8 +38,11 @@ def known_keys() -> frozenset[str]:
     return frozenset(primary) - {"defaults"} | set(GROUPS)
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the offending key."""
+class ConfigError(UsageError):
+    """A bad config value; the message starts with the offending key (entry scripts: one line, exit 2)."""
+
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")  # an experiment name: one folder under paths.root
 
 
 def slug(overrides: str | None) -> str:
@@ -147,12 +152,69 @@ def check_prepared(cfg: DictConfig) -> None:
                           f"({have * cfg.size.seq_len:,} tokens); prepare more data or train fewer steps")
 
 
+def _typed_at(cfg: DictConfig, key: str) -> str:
+    """The key a user types for `key`: the source of an interpolation (`optim.lr: ${size.lr}` -> size.lr)."""
+    node, _, leaf = key.rpartition(".")
+    raw = OmegaConf.select(cfg, node) if node else cfg
+    value = OmegaConf.to_container(raw, resolve=False).get(leaf) if OmegaConf.is_dict(raw) else None
+    m = re.fullmatch(r"\$\{([\w.]+)\}", str(value))
+    return m.group(1) if m else key
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """The schedule's, batch's and logging's numbers: the right type and range, or a ConfigError naming the
+    key a user types (before anything compares or divides by them)."""
+    def need(key: str, ok, what: str, kinds=(int, float)) -> None:
+        v = OmegaConf.select(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, kinds) or (isinstance(v, float) and not math.isfinite(v)) \
+                or not ok(v):
+            raise ConfigError(f"{_typed_at(cfg, key)}: must be {what} (got {v!r})")
+
+    for key in ("size.seq_len", "size.global_batch_size", "size.micro_batch_size", "size.val_interval",
+                "size.ckpt_interval", "size.val_batches", "trainer.max_steps"):
+        need(key, lambda v: v >= 1, "an int >= 1", int)
+    for key in ("routing_log_interval", "analysis.flip_interval", "analysis.batches"):
+        if OmegaConf.select(cfg, key) is not None:
+            need(key, lambda v: v >= 0, "an int >= 0", int)
+    need("optim.lr", lambda v: v > 0, "a number > 0")
+    need("optim.min_lr", lambda v: v >= 0, "a number >= 0")
+    need("optim.warmup", lambda v: v >= 0, "a number >= 0 (< 1: a share of max_steps; >= 1: steps)")
+    need("optim.weight_decay", lambda v: v >= 0, "a number >= 0")
+    need("optim.eps", lambda v: v > 0, "a number > 0")
+    betas = OmegaConf.select(cfg, "optim.betas")
+    if not (OmegaConf.is_list(betas) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1) (got {betas!r})")
+    if OmegaConf.select(cfg, "trainer.gradient_clip_val") is not None:
+        need("trainer.gradient_clip_val", lambda v: v >= 0, "a number >= 0, or null")
+
+
+def check_cluster(cluster) -> None:
+    """The `cluster` a plan is sized for (plan.json, src/plan.py): counts are ints >= 1, sizes and rates > 0,
+    the MFU in (0, 1]."""
+    def number(key: str, integer: bool = False, most: float | None = None) -> None:
+        v = cluster.get(key)
+        kind = int if integer else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kind) or not 0 < v < math.inf or (most is not None and v > most):
+            bound = f" and <= {most:g}" if most is not None else ""
+            raise ConfigError(f"cluster.{key}: must be {'an int' if integer else 'a number'} > 0{bound} (got {v!r})")
+
+    number("nodes", integer=True)
+    number("gpus_per_node", integer=True)
+    number("gpu_memory_gb")
+    number("peak_tflops")
+    number("mfu", most=1.0)
+
+
 def validate(cfg: DictConfig) -> ModelConfig:
     """Every check that needs no data and no model. Raises ConfigError naming the key. Returns the
     architecture (with a placeholder vocabulary until the tokenizer is known)."""
     unknown = sorted(set(cfg) - known_keys())
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a setting of this pipeline (a typo? see conf/config.yaml)")
+    if not isinstance(cfg.get("name"), str) or not NAME.fullmatch(cfg.name) or len(cfg.name) > 128:
+        raise ConfigError(f"name: {cfg.get('name')!r} is not a plain folder name (letters, digits and _ . + = , -, "
+                          "not starting with a dot, at most 128 characters): runs must stay inside paths.root")
     for key in ("seed", "experts", "topk", "granularity"):
         if not isinstance(cfg.get(key), int):
             raise ConfigError(f"{key}: must be an int (got {cfg.get(key)!r})")
@@ -170,13 +232,16 @@ def validate(cfg: DictConfig) -> ModelConfig:
         raise ConfigError(f"optim.router_lr_scale: must be a number > 0 (got {rls!r})")
     if cfg.optim.get("ffn_down_lr", RECIPE["ffn_down_lr"]) not in FFN_DOWN_LR:
         raise ConfigError(f"optim.ffn_down_lr: must be one of {', '.join(FFN_DOWN_LR)} (got {cfg.optim.ffn_down_lr!r})")
+    check_numbers(cfg)
+    check_cluster(cfg.get("cluster") or {})
+    mra = cfg.get("moe_recompute_above")
+    if mra is not None and (isinstance(mra, bool) or not isinstance(mra, (int, float)) or not mra > 0):
+        raise ConfigError(f"moe_recompute_above: a number of experts per token > 0, or null (got {mra!r})")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"size.seq_len: {cfg.size.seq_len} exceeds the model context {mcfg.max_seq_len}")
     batch_split(cfg)
-    if cfg.trainer.max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps: must be > 0 (got {cfg.trainer.max_steps})")
     if cfg.data.source not in ("stdlib", "text_files", "hf", "prepared"):
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
     if cfg.data.source == "prepared":
@@ -190,9 +255,10 @@ def validate(cfg: DictConfig) -> ModelConfig:
         except (OSError, TypeError, ValueError) as e:
             raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
     if cfg.eval.suite != "none":
-        from .eval.run import HubUnavailable, check_tasks
+        from .eval.run import HubUnavailable, check_eval, check_tasks
 
         try:
+            check_eval(cfg.eval)
             check_tasks(cfg.eval.suite, cfg.eval.tasks)
         except HubUnavailable as e:
             raise ConfigError(f"eval: {e}") from None

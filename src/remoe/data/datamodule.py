@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import lightning as L
@@ -95,6 +96,17 @@ def check_prepare_target(source: str, out: str) -> None:
         raise ValueError(f"out: {out} exists; prepare into a new folder")
 
 
+def _remove_stale_partials(out: str) -> None:
+    """<out>.partial-<pid> folders of a preparation that was killed (its process is gone)."""
+    from ..runs import pid_alive
+
+    parent, name = os.path.split(out)
+    for entry in os.listdir(parent or "."):
+        pid = entry.removeprefix(f"{name}.partial-")
+        if entry.startswith(f"{name}.partial-") and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 class ResumableBatchSampler(Sampler):
     """An endless, seeded stream of micro-batches: batch i of rank r is a pure function of (seed, i, r),
     epoch e shuffled by seed + e and dealt round-robin across ranks. A run resumed at micro-batch i sees
@@ -155,6 +167,8 @@ class LMDataModule(L.LightningDataModule):
         self.path, self.name, self.train_split, self.val_split = path, name, train_split, val_split
         if OmegaConf.is_config(data_files):  # from Hydra: datasets wants plain dicts/lists
             data_files = OmegaConf.to_container(data_files, resolve=True)
+        if OmegaConf.is_config(files):  # and prepared.json records them as JSON
+            self.files = OmegaConf.to_container(files, resolve=True)
         self.data_files, self.dir = data_files, dir
         self.text_field, self.domain_field = text_field, domain_field
         self.streaming, self.shuffle_buffer, self.val_sequences = streaming, shuffle_buffer, val_sequences
@@ -198,6 +212,12 @@ class LMDataModule(L.LightningDataModule):
                 self.cache_dir, self.corpus_fingerprint, lambda: iter(list(docs["text"])), self.bpe_vocab
             )
         return self.tokenizer
+
+    @property
+    def train_sequences(self) -> int | None:
+        """The training split's sequences (None for a streamed corpus, whose length is not known)."""
+        self.setup("fit")
+        return len(self.train_ds) if hasattr(self.train_ds, "__len__") else None
 
     @property
     def vocab_size(self) -> int:
@@ -252,7 +272,18 @@ class LMDataModule(L.LightningDataModule):
         t0 = time.perf_counter()
         splits = self._packed_splits(num_proc)
         tokenize_s = time.perf_counter() - t0
-        tmp = out.rstrip("/") + ".tmp"
+        out = out.rstrip("/")
+        _remove_stale_partials(out)
+        tmp = f"{out}.partial-{os.getpid()}"
+        try:
+            record = self._write_prepared(splits, tmp, num_proc, t0, tokenize_s)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return record
+
+    def _write_prepared(self, splits: DatasetDict, tmp: str, num_proc: int, t0: float, tokenize_s: float) -> dict:
         splits.save_to_disk(tmp, num_proc=num_proc)
         self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         n = {k: len(v) for k, v in splits.items()}
@@ -265,7 +296,6 @@ class LMDataModule(L.LightningDataModule):
                   "tokens_per_s_per_process": (tokens + n["validation"] * (self.seq_len + 1)) / tokenize_s / num_proc}
         with open(os.path.join(tmp, PREPARED), "w") as f:
             json.dump(record, f, indent=1)
-        os.replace(tmp, out)
         return record
 
     def setup(self, stage: str | None = None) -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .datamodule import PREPARED, LMDataModule, check_prepare_target
+from .datamodule import PREPARED, SOURCES, LMDataModule, check_prepare_target
 
 log = logging.getLogger("remoe")
 
@@ -30,13 +29,48 @@ def loading_rate(folder: str, seq_len: int, micro_batch: int, batches: int) -> f
     return batches * micro_batch * seq_len / (time.perf_counter() - t0)
 
 
-def prepare(cfg: DictConfig) -> dict:
+def check(cfg: DictConfig) -> str:
+    """Everything about the request that can be checked before any work (UsageError naming the key or
+    file); returns the output folder."""
+    from ..cli import UsageError
+    from .corpus import check_text_file, expand_files
+
     out = os.path.abspath(str(cfg.out))
-    check_prepare_target(cfg.data.source, out)
-    if not isinstance(cfg.num_proc, int) or cfg.num_proc < 1:
-        raise ValueError(f"num_proc: must be an int >= 1 (got {cfg.num_proc!r})")
+    try:
+        check_prepare_target(cfg.data.source, out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if isinstance(cfg.num_proc, bool) or not isinstance(cfg.num_proc, int) or cfg.num_proc < 1:
+        raise UsageError(f"num_proc: must be an int >= 1 (got {cfg.num_proc!r})")
+    lcb = cfg.get("load_check_batches", 0)
+    if isinstance(lcb, bool) or not isinstance(lcb, int) or lcb < 0:
+        raise UsageError(f"load_check_batches: must be an int >= 0 (got {lcb!r})")
+    if cfg.data.source not in SOURCES:
+        raise UsageError(f"data.source: unknown source {cfg.data.source!r}; choose one of {SOURCES}")
+    if cfg.data.source == "text_files":
+        try:
+            for path in expand_files(cfg.data.files or []):
+                check_text_file(path)
+        except (OSError, TypeError, ValueError) as e:
+            raise UsageError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
+    probe = os.path.dirname(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"out: cannot write into {probe} (read-only or no permission)")
+    return out
+
+
+def prepare(cfg: DictConfig) -> dict:
+    from ..cli import UsageError, first_line
+
+    out = check(cfg)
     dm = instantiate(cfg.data)
-    record = dm.prepare_to(out, num_proc=cfg.num_proc)
+    try:
+        record = dm.prepare_to(out, num_proc=cfg.num_proc)
+    except (FileNotFoundError, ValueError) as e:  # a data file named in the config; too little text to pack
+        msg = first_line(e)
+        raise UsageError(msg if msg.startswith("data") else f"data: {msg}") from None
     if cfg.load_check_batches:
         record["loading_tokens_per_s"] = loading_rate(out, cfg.size.seq_len, cfg.size.micro_batch_size,
                                                       cfg.load_check_batches)
@@ -46,12 +80,7 @@ def prepare(cfg: DictConfig) -> dict:
 
 
 def _main(cfg: DictConfig) -> None:
-    try:
-        record = prepare(cfg)
-    except (ValueError, FileNotFoundError) as e:  # our messages start with the key; a missing file is data's
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        log.error("config error: %s", msg if isinstance(e, ValueError) else f"data: {msg}")
-        sys.exit(2)
+    record = prepare(cfg)
     n = record["sequences"]
     log.info("prepared %s: %d train / %d validation sequences of %d tokens (%s train tokens) in %.1f s; "
              "tokenizing %.0f tokens/s per process (%d processes), loading %.0f tokens/s", cfg.out, n["train"],
@@ -60,6 +89,9 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """src/prepare_data.py: bad input is one line and exit code 2 before any work (remoe.cli)."""
+    from ..cli import guard, task
     from ..model.presets import CONF_DIR
 
-    hydra.main(config_path=str(CONF_DIR), config_name="prepare_data", version_base="1.3")(_main)()
+    guard(hydra.main(config_path=str(CONF_DIR), config_name="prepare_data", version_base="1.3")(
+        task("prepare_data")(_main)), "prepare_data")

@@ -25,27 +25,32 @@ DTYPES = {"float32": None, "32-true": None, "bfloat16": torch.bfloat16, "bf16-mi
 
 def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer, dict]:
     """(model on CPU, tokenizer, checkpoint hyperparameters) from a checkpoint written by training (a file, or
-    a sharded folder from trainer=fsdp: its weights only are read)."""
-    from ..checkpoint import is_sharded, load_state_dict, read_meta
+    a sharded folder from trainer=fsdp: its weights only are read). Anything that is not such a checkpoint
+    (missing, truncated, foreign, crafted to run code, weights of another architecture) is a CheckpointError
+    (a ValueError) whose one line names the file; nothing in it is executed (remoe.checkpoint), and no model
+    is built whose size the stored weights do not match."""
+    from ..checkpoint import (CheckpointError, check_shapes, is_sharded, load_state_dict, open_checkpoint,
+                              stored_shapes)
 
-    try:
-        ckpt = read_meta(path)  # a file, or a sharded folder's meta.pt (trainer=fsdp)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint: no such file {path!r}") from None
-    except IsADirectoryError:
-        raise ValueError(f"checkpoint: {path!r} is a folder, not a checkpoint file") from None
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors ...
-        raise ValueError(f"checkpoint: cannot read {path!r} (truncated or not a torch checkpoint: "
-                         f"{type(e).__name__})") from None
+    ckpt = open_checkpoint(path)  # a file, or a sharded folder's meta.pt (trainer=fsdp)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "model" not in hp or "tokenizer" not in ckpt or ("state_dict" not in ckpt and not is_sharded(path)):
-        raise ValueError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
-                         "tokenizer inside)")
-    model = Transformer(ModelConfig.from_dict(hp["model"]))  # reads old checkpoints' model dicts too
-    weights = load_state_dict(path, {f"model.{k}": v for k, v in model.state_dict().items()})
-    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    model.load_state_dict(state, strict=True)
-    return model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), hp
+    if not (isinstance(hp, dict) and isinstance(hp.get("model"), dict) and isinstance(ckpt.get("tokenizer"), str)
+            and (isinstance(ckpt.get("state_dict"), dict) or is_sharded(path))):
+        raise CheckpointError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
+                              "tokenizer inside)")
+    try:
+        cfg = ModelConfig.from_dict(hp["model"])  # reads old checkpoints' model dicts too
+        check_shapes(cfg, stored_shapes(path, ckpt))
+        model = Transformer(cfg)
+        weights = load_state_dict(path, {f"model.{k}": v for k, v in model.state_dict().items()})
+        state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
+    except Exception as e:  # a config no model can have, weights of another shape, a crafted shard ...
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else "-"
+        raise CheckpointError(f"checkpoint: {path!r} cannot be loaded as the model its config describes "
+                              f"({type(e).__name__}: {why})") from None
+    return model.eval(), tokenizer, hp
 
 
 @torch.no_grad()

@@ -72,6 +72,8 @@ def collect(roots: list[str]) -> Collection:
                 reason = f"incomplete (status {s.get('status')!r})"
             elif missing := [k for k in RunSummary.keys(required=True) if k not in s]:
                 reason = f"summary.json lacks {missing}"
+            else:
+                reason = RunSummary.problem(s) or record_problem(d)
         except FileNotFoundError:
             reason = "incomplete: no summary.json"
         except (OSError, ValueError) as e:
@@ -90,11 +92,74 @@ def collect(roots: list[str]) -> Collection:
     return Collection(df, skipped)
 
 
+def _array(x, ndim: int) -> np.ndarray:
+    """x as a finite-or-nan float array of `ndim` dimensions; ValueError otherwise."""
+    a = np.asarray(x, dtype=float)
+    if a.ndim != ndim:
+        raise ValueError(f"{ndim}-d numbers expected")
+    return a
+
+
+def record_problem(run_dir: str) -> str | None:
+    """Why a completed run's other record files cannot be read the way the report reads them (a cut or
+    edited line, an empty metrics.csv, text where numbers belong), or None: such a run is skipped, with
+    this reason in the index, instead of stopping the report."""
+    def check(name: str, fn) -> str | None:
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            return None
+        try:
+            fn(path)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, pd.errors.ParserError) as e:
+            return f"unreadable {name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else '-'})"
+        return None
+
+    def metrics(path):
+        m = pd.read_csv(path)  # EmptyDataError (a ValueError) when the file is empty
+        if "step" not in m or not len(m):
+            raise ValueError("no step column or no rows")
+        bad = m.apply(pd.to_numeric, errors="coerce").isna() & m.notna()
+        if bad.any().any():
+            raise ValueError(f"text in a number column ({bad.any()[bad.any()].index[0]})")
+
+    def routing(path):
+        shapes = set()
+        for r in read_jsonl(path):
+            int(r["step"])
+            shapes.add(_array(r["counts"], 2).shape)
+        if len(shapes) > 1:
+            raise ValueError("counts of different shapes")
+
+    def flips(path):
+        for r in read_jsonl(path):
+            float(r["step"]), float(r["flip_rate"])
+
+    def analysis(path):
+        a = read_analysis(run_dir)
+        if not isinstance(a, dict):
+            raise ValueError("not a JSON object")
+        if "layer_sparsity" in a:
+            _array(a["layer_sparsity"], 1)
+        if "token_count" in a and len(_array(a["token_count"], 1)) != len(_array(a["token_mean_active"], 1)):
+            raise ValueError("token_count and token_mean_active differ in length")
+        for counts in (a.get("domain_counts") or {}).values():
+            _array(counts, 2)
+
+    for name, fn in (("metrics.csv", metrics), ("routing.jsonl", routing), ("flips.jsonl", flips),
+                     ("routing_analysis.json", analysis)):
+        if why := check(name, fn):
+            return why
+    return None
+
+
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: a line that is not a JSON object")
+    return rows
 
 
 def routing_share(run_dir: str):
