@@ -78,7 +78,7 @@ def test_report_covers_every_routing_method(tiny_sweep, train, tmp_path):
     index = (tmp_path / "rep" / "README.md").read_text()
     claim = index[index.index("Load balancing leaves no inactive expert"):]
     for m in ("hash, without", "ec, with", "auxfree, with", "topk, with", "remoe, with"):
-        assert f"  - {m} load balancing: inactive cells" in claim, m
+        assert f"  - {m} load balancing, E=8: inactive cells" in claim, m  # the census, per method and E
 
 
 def test_small_scale_study_from_stored_runs(tiny_sweep, tmp_path):

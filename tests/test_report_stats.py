@@ -4,6 +4,7 @@ verdicts account for seeds, trends need more than a sign, the inactive-expert th
 import json
 
 import pandas as pd
+import pytest
 
 from remoe.report import build_report
 from remoe.report.claims import _remoe_vs_topk, claims, inactive_experts
@@ -15,6 +16,11 @@ from remoe.runs import RunSummary
 BASE = dict(status="completed", size="tiny", topk=1, granularity=1, experts=8, steps=400,
             train_tokens=1638400, corpus="c0", precision="32-true", ffn_mult=1, git_commit="0" * 40)
 KNOBS = {"remoe": dict(regularizer="lb_l1", lambda0=1e-8, alpha=1.2), "topk": dict(aux_loss_coef=0.01)}
+
+
+def _claim(text: str, words: str) -> str:
+    """A claim's own line (the at-a-glance list above the claims repeats its title)."""
+    return next(x for x in text.splitlines() if x.startswith("- ") and not x.startswith("- **") and words in x)
 
 
 def record(root, name, model, seed, val_loss, **kw):
@@ -78,7 +84,7 @@ def test_a_run_that_never_settles_is_named_with_its_sparsity(tmp_path):
         record(tmp_path / "sweep", f"remoe-{seed}", "remoe", seed, 4.5, settling_step=st,
                target_sparsity=0.875, sparsity=0.8183 if st is None else 0.875)
     text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
-    line = next(x for x in text.splitlines() if "settles" in x)
+    line = _claim(text, "settles")
     assert "**does not hold**" in line and "2/3 runs settle" in line
     assert line.endswith("Never settled: sweep/remoe-2 (tail sparsity 0.818, target 0.875).")
 
@@ -165,9 +171,9 @@ def test_regime_check_needs_each_gap_above_twice_the_larger_std(tmp_path):
             record(tmp_path, f"fan_{model}{mult}_{seed}", model, seed, v + seed / 1000, ffn_mult=mult,
                    ffn_down_lr="fan_in")
     text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
-    regime = text.split("Regime check —")[1].split("\n- ")[0]  # the paper's recipe: its runs alone
+    regime = text.split("\n- Regime check —")[1].split("\n- ")[0]  # the paper's recipe: its runs alone
     assert "**holds** (at all 2 gaps)" in regime and "Dense×8 3.4020 ± 0.0010 (n=3) < TopK" in regime
-    fan_in = text.split("Regime check (every run: W2 LR by fan_in) —")[1].split("\n- ")[0]
+    fan_in = text.split("\n- Regime check (every run: W2 LR by fan_in) —")[1].split("\n- ")[0]
     assert "Dense×8 3.4820 ± 0.0010 (n=3) < TopK 3.4520" in fan_in and "**does not hold**" in fan_in
     per_layer = [x for x in text.splitlines() if x.startswith("- Per-layer λ")]
     assert len(per_layer) == 1 and "**does not hold**" in per_layer[0] and "global 3.4620" in per_layer[0]
@@ -183,7 +189,8 @@ def test_a_study_off_the_recipe_throughout_is_compared_within_its_recipe(tmp_pat
             record(tmp_path / "runs", f"{name}_{seed}", model, seed, v + seed / 1000, ffn_down_lr="fan_in", **kw)
     build_report([str(tmp_path / "runs")], str(tmp_path / "rep"))
     index = (tmp_path / "rep" / "README.md").read_text()
-    assert index.count("Every run here trains off the paper's optimizer recipe, the same way: W2 LR by fan_in") == 1
+    assert index.count("Every run here is configured off the paper's optimizer recipe, the same way: W2 LR by "
+                       "fan_in") == 1 and "train exactly as under the paper's one LR" in index
     assert "- Regime check — Dense×8 < TopK < Dense" in index and "Dense×8 3.2920 ± 0.0010 (n=3)" in index
     assert "experts=16: topk 3.3120 ± 0.0010 (n=3), remoe 3.3020 ± 0.0010 (n=3)" in index
     methods = pd.read_csv(tmp_path / "rep" / "tables" / "routing_methods.csv")
@@ -192,7 +199,7 @@ def test_a_study_off_the_recipe_throughout_is_compared_within_its_recipe(tmp_pat
     record(tmp_path / "runs", "paper_t", "topk", 1, 3.40)
     build_report([str(tmp_path / "runs")], str(tmp_path / "rep2"))
     index = (tmp_path / "rep2" / "README.md").read_text()
-    assert "Every run here trains off" not in index and "Regime check (every run: W2 LR by fan_in)" in index
+    assert "Every run here is configured off" not in index and "Regime check (every run: W2 LR by fan_in)" in index
 
 
 def test_the_settling_trend_pools_only_the_sweeps_runs(tmp_path):
@@ -206,7 +213,114 @@ def test_the_settling_trend_pools_only_the_sweeps_runs(tmp_path):
     record(tmp_path, "a105", "remoe", 1, 4.5, settling_step=341, alpha=1.05)
     record(tmp_path, "a13", "remoe", 1, 4.5, settling_step=140, alpha=1.3)
     text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
-    line = next(x for x in text.splitlines() if "Settling time falls as alpha" in x)
+    line = _claim(text, "Settling time falls as alpha")
     assert line.endswith("— 1.05: 341, 1.2: 96, 1.3: 140.")
-    line = next(x for x in text.splitlines() if "sparsity settles at" in x)
+    line = _claim(text, "sparsity settles at")
     assert "(the rule: every run settles, median ≤ 200 steps)" in line  # the rule, not a finding
+
+
+# ---- issue 39: what each verdict could see, families of tests, pairs that are really paired ------------------
+def test_power_and_the_minimum_detectable_effect_match_the_noncentral_t():
+    """At E=8 the paired ReMoE − TopK sd is ≈ 0.028: 3 seeds detect the paper's 0.015 about 10% of the time;
+    the MDE is the effect detected with 80% power, and the seeds the paper's effect needs are the first n that
+    reach it (checked against a direct simulation of the paired t-test)."""
+    import numpy as np
+    from scipy import stats as st
+
+    from remoe.report.stats import mde, power, seeds_needed
+
+    assert 0.08 < power(0.015, 0.028, 3) < 0.10
+    m = mde(0.028, 3)
+    assert abs(power(m, 0.028, 3) - 0.8) < 1e-6 and 0.085 < m < 0.095
+    n = seeds_needed(0.015, 0.028)
+    assert power(0.015, 0.028, n) >= 0.8 > power(0.015, 0.028, n - 1)
+    rng = np.random.default_rng(0)
+    d = rng.normal(0.015, 0.028, size=(20000, n))  # paired differences at the paper's effect
+    hits = st.ttest_1samp(d, 0.0, axis=1).pvalue < 0.05
+    assert abs(hits.mean() - power(0.015, 0.028, n)) < 0.015
+    assert power(0.015, 0.028, 3, paired=False, n_b=3) < power(0.015, 0.028, 3)  # Welch: less power
+    assert seeds_needed(0.015, 0.028, alpha=0.05 / 4) > n  # a family's strictest Holm level needs more
+
+
+def test_holm_adjusts_within_a_claims_family_and_the_verdict_uses_it(tmp_path):
+    from remoe.report.stats import holm
+
+    assert holm([0.038, 0.58, 0.29, 0.24]) == pytest.approx([0.152, 0.72, 0.72, 0.72])
+    assert holm([0.01, None, 0.04]) == pytest.approx([0.02, None, 0.04])
+    # ReMoE below TopK at E=4 alone (raw p < 0.05), level at E=8 / 16 / 32: one family of four tests
+    deltas = {4: (-0.050, -0.060, -0.055), 8: (0.01, -0.02, 0.03), 16: (0.02, -0.01, 0.0), 32: (-0.01, 0.02, 0.0)}
+    for e, ds in deltas.items():
+        for seed, d in enumerate(ds, start=1):
+            record(tmp_path, f"t{e}_{seed}", "topk", seed, 3.40 + seed / 100, experts=e)
+            record(tmp_path, f"r{e}_{seed}", "remoe", seed, 3.40 + seed / 100 + d, experts=e)
+    verdict, lines, _ = _remoe_vs_topk(collect([str(tmp_path)]).runs, "experts")
+    e4 = next(x for x in lines if x.startswith("experts=4"))
+    assert "p=0.00" in e4 and "Holm-adjusted over 4 tests p=" in e4 and "**holds**" in e4  # 0.0026 x 4 < 0.05
+    assert "MDE" in e4 and "the paper's -0.010 would need" in e4
+    assert verdict.word == "inconclusive"  # holds at E=4 only: the claim "at every E" is not shown
+    single = compare(pd.Series([3.35, 3.36, 3.345], index=[1, 2, 3]), pd.Series([3.40, 3.43, 3.39], index=[1, 2, 3]))
+    assert single.word == "holds" and "Holm" not in single.why  # a family of one: no adjustment
+
+
+def test_runs_are_paired_only_on_the_same_seed_cpu_and_model_code(tmp_path):
+    """A machine moves a routed run by about one seed's spread: the same seed on another CPU, or another
+    model code, is not a pair (Welch's test, said so); same seed, CPU and model code (commits that differ
+    only outside src/remoe/model and src/remoe/data count as one code) is."""
+    same = ("4e9e3759886b583316ccc1a2dcc794515324de08", "13636db350c98bf0cbb47245b30248c884ffa1cb")  # reports only
+    other = "897bd36d7519de7cad73ffabe5cb5bba90ef0a8d"  # before the λ floor: model code differs
+    cpu = lambda m: {"model": m, "flags": []}  # noqa: E731
+    cases = {"paired": [(cpu("A"), same[0], cpu("A"), same[1])] * 3,
+             "cpu": [(cpu("A"), same[0], cpu("A"), same[0])] * 2 + [(cpu("A"), same[0], cpu("B"), same[0])],
+             "code": [(cpu("A"), same[0], cpu("A"), other)] * 3}
+    for name, rows in cases.items():
+        root = tmp_path / name
+        for seed, (ct, gt, cr, gr) in enumerate(rows, start=1):
+            record(root, f"t{seed}", "topk", seed, 3.40 + seed / 100, cpu=ct, git_commit=gt)
+            record(root, f"r{seed}", "remoe", seed, 3.39 + seed / 100 + seed / 1000, cpu=cr, git_commit=gr)
+        _, lines, _ = _remoe_vs_topk(collect([str(root)]).runs, "experts")
+        if name == "paired":
+            assert "paired t-test over 3 shared seeds" in lines[0], lines[0]
+        else:
+            assert "Welch's t-test, n=3 vs 3 (not paired: a seed's runs trained on different CPUs or model/data " \
+                   "code)" in lines[0], lines[0]
+
+
+def test_paper_rows_carry_their_own_budget_and_the_index_says_what_a_shared_recipe_changes(tmp_path):
+    for seed in (1, 2):
+        for lam, st in ((1e-8, 90), (1e-4, 60)):
+            record(tmp_path / "runs", f"l{lam}_{seed}", "remoe", seed, 3.4, lambda0=lam, settling_step=st,
+                   ffn_down_lr="fan_in")
+    build_report([str(tmp_path / "runs")], str(tmp_path / "rep"))
+    t = pd.read_csv(tmp_path / "rep" / "tables" / "sensitivity_lambda0.csv")
+    sources = set(t["source"])
+    assert any(s.startswith("paper") and "shorter sensitivity runs" in s for s in sources)
+    assert not any("30B tokens" in s for s in sources if s.startswith("paper"))
+    index = (tmp_path / "rep" / "README.md").read_text()
+    assert "Dense, and TopK and ReMoE at G = 1 (any E), train exactly as under the paper's one LR" in index
+
+
+def test_the_memorisation_table_reads_each_pass_end(tmp_path):
+    """Runs that see their corpus twice or more: validation − training loss at the end of each pass (the
+    last validation at or before it, the mean train loss of the pass's last 50 steps), with a pass =
+    train_sequences / sequences per step; records without train_sequences use the root's corpora.json."""
+    import csv
+
+    def run(name, model, seed, train_at, val_at, **kw):
+        d = record(tmp_path / "runs", name, model, seed, 3.4, steps=300, train_tokens=300 * 32 * 128, **kw)
+        with open(d / "metrics.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "train/lm_loss", "val/loss"])
+            for s in range(300):
+                w.writerow([s, train_at(s), ""])
+                if s % 50 == 49:
+                    w.writerow([s, "", val_at(s)])
+    # 3,200 training sequences, 32 per step: a pass is 100 steps
+    run("topk1", "topk", 1, lambda s: 4.0 - (s // 100) * 0.5, lambda s: 4.1, train_sequences=3200, seq_len=128)
+    run("remoe1", "remoe", 1, lambda s: 4.0 - (s // 100) * 0.3, lambda s: 4.1, corpus="fp")
+    (tmp_path / "runs" / "corpora.json").write_text(json.dumps({"fp": {"train_sequences": 3200, "seq_len": 128}}))
+    build_report([str(tmp_path / "runs")], str(tmp_path / "rep"))
+    t = pd.read_csv(tmp_path / "rep" / "tables" / "memorisation.csv", dtype=str).set_index("variant")
+    # pass k ends at step 100 k: train loss then 4.0 - 0.5 (k - 1) for TopK, 4.0 - 0.3 (k - 1) for ReMoE
+    assert [t.loc["topk", f"pass {k}"] for k in (1, 2, 3)] == ["0.100", "0.600", "1.100"]
+    assert [t.loc["remoe", f"pass {k}"] for k in (1, 2, 3)] == ["0.100", "0.400", "0.700"]
+    assert "grows by after pass 1 is memorisation" in (tmp_path / "rep" / "README.md").read_text()

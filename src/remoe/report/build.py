@@ -7,10 +7,13 @@ import glob
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 from . import figures, tables
 from ..runs import RECIPE, RunSummary
 from .collect import collect, short_path
+from .provenance import provenance
 from .stats import RULES
 
 log = logging.getLogger("remoe.report")
@@ -23,7 +26,14 @@ TITLES = {
     "lb_ablation": "Load-balancing ablation",
     "sensitivity_lambda0": "Sensitivity to λ0 (α = 1.2)",
     "sensitivity_alpha": "Sensitivity to α (λ0 = 1e-8)",
+    "memorisation": "Memorisation: validation − training loss at the end of each pass over the corpus",
     "throughput": "Throughput (paper Table 7 layout)",
+}
+CAPTIONS = {  # what a table's columns mean, where the title does not say it
+    "memorisation": "Each `pass k` column: the validation loss at the last validation of pass k minus the mean "
+                    "training loss of the pass's last 50 steps (`pass_steps`: optimizer steps per pass). Pass 1 "
+                    "sees no text twice, so its gap is the split's own train/validation difference; what it "
+                    "grows by after pass 1 is memorisation of text seen before. Shown whenever runs repeat data.",
 }
 
 
@@ -31,21 +41,67 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
                  notes: str | None = None, force: bool = False) -> dict | None:
     """Returns what was made, or None (writing nothing) when no run is usable and `out_dir` already holds
     a report, unless `force`: a typo in --runs must not replace a report with an empty one."""
-    from ..runs import write_text_atomic
-
     col = collect(roots)
     df = col.runs
     if not len(df) and not force and os.path.exists(os.path.join(out_dir, "README.md")):
         return None
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_stages(out_dir)
+    final, out_dir = out_dir, tempfile.mkdtemp(prefix=f"{STAGE}{os.getpid()}-", dir=out_dir)
+    try:
+        made = _build(col, roots, out_dir, bench_globs, notes)
+        _swap_in(out_dir, final)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {**made, "figures": [os.path.join(final, os.path.relpath(p, out_dir)) for p in made["figures"]]}
+
+
+STAGE, OLD = ".report-partial-", ".report-old-"  # build.py's own folders inside the output folder
+OUTPUTS = ("tables", "figures", "README.md")  # what a report owns in its folder; README.md (the index) last
+
+
+def _swap_in(stage: str, out_dir: str) -> None:
+    """Put a finished report in place of the previous one: its folders, then the index, each by rename (a
+    report killed while it was being built changed nothing; the previous outputs go only once the new ones
+    are in)."""
+    old = tempfile.mkdtemp(prefix=f"{OLD}{os.getpid()}-", dir=out_dir)
+    try:
+        for name in OUTPUTS:
+            if os.path.isdir(os.path.join(out_dir, name)) and name != "README.md":
+                os.replace(os.path.join(out_dir, name), os.path.join(old, name))
+            if os.path.exists(os.path.join(stage, name)):
+                os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_stages(out_dir: str) -> None:
+    """Staging folders of a report build that was killed (its process is gone)."""
+    from ..runs import pid_alive
+
+    for entry in os.listdir(out_dir):
+        for prefix in (STAGE, OLD):
+            pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+
+
+def _build(col, roots: list[str], out_dir: str, bench_globs, notes) -> dict:
+    """The whole report written into out_dir (a staging folder)."""
+    from ..runs import write_text_atomic
+
+    df = col.runs
     bench = []
-    for pattern in bench_globs or [os.path.join(r, "**", "bench*.json") for r in roots]:
-        for p in sorted(glob.glob(pattern, recursive=True)):
-            try:
-                rows = json.load(open(p))
-                bench.extend(rows.get("rows", []) if isinstance(rows, dict) else rows)
-            except (OSError, ValueError) as e:
-                col.skipped.append((p, f"corrupt bench JSON ({type(e).__name__})"))
+    for p in bench_files(roots, bench_globs):
+        try:
+            with open(p) as f:
+                rows = json.load(f)
+            rows = rows.get("rows", []) if isinstance(rows, dict) else rows
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("rows are not JSON objects")
+            bench.extend(rows)
+        except (OSError, ValueError) as e:
+            col.skipped.append((p, f"corrupt bench JSON ({type(e).__name__})"))
     made_tables, made_figs, study_recipe = {}, [], []
     if len(df):
         # the same configuration and seed run by two sweeps is one sample, not two
@@ -66,6 +122,7 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
             "lb_ablation": lambda: tables.lb_ablation(df),
             "sensitivity_lambda0": lambda: tables.sensitivity(df, "lambda0"),
             "sensitivity_alpha": lambda: tables.sensitivity(df, "alpha"),
+            "memorisation": lambda: tables.memorisation(df, corpora(roots)),
         }
         for name, fn in builders.items():
             t = fn()
@@ -83,6 +140,33 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
                    claims(df, roots) if len(df) else "", study_recipe)
     write_text_atomic(os.path.join(out_dir, "README.md"), index)
     return {"runs": len(df), "skipped": col.skipped, "tables": sorted(made_tables), "figures": made_figs}
+
+
+def corpora(roots: list[str]) -> dict:
+    """{corpus fingerprint: {train_sequences, seq_len}} from a corpora.json directly under each root: what
+    records written before summary.json held those fields need (e.g. reports/runs/corpora.json)."""
+    out = {}
+    for root in roots:
+        try:
+            with open(os.path.join(root, "corpora.json")) as f:
+                found = json.load(f)
+            out.update({k: v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {})
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def bench_files(roots: list[str], patterns: list[str] | None) -> list[str]:
+    """Benchmark JSON: the given files/globs, or bench*.json anywhere under the roots (os.walk: symbolic
+    links to folders are not followed, so a link loop cannot make the report walk forever)."""
+    if patterns:
+        return sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
+    found = set()
+    for root in roots:
+        for dirpath, dirnames, files in os.walk(root):
+            dirnames.sort()
+            found.update(os.path.join(dirpath, f) for f in files if f.startswith("bench") and f.endswith(".json"))
+    return sorted(found)
 
 
 def _figures(df, fig_dir: str) -> list[str]:
@@ -126,57 +210,24 @@ def _figures(df, fig_dir: str) -> list[str]:
     return [p for p in candidates if p]
 
 
-def code_differs(commits: list[str | None],
-                 paths: tuple[str, ...] = ("src/remoe/model", "src/remoe/data")) -> bool | None:
-    """Whether the model or data code differs between these commits; None when it cannot be told (a
-    commit unknown here, a run from a dirty tree, no git)."""
-    import subprocess
-
-    found = sorted(set(commits), key=str)
-    if any(c is None or c.endswith("-dirty") for c in found):
-        return None  # a dirty tree's code is not known from its commit
-    if len(found) == 1:
-        return False
-    repo = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rcs = [subprocess.run(["git", "diff", "--quiet", found[0], c, "--", *paths], cwd=repo,
-                              capture_output=True, timeout=30).returncode for c in found[1:]]
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return None if any(rc not in (0, 1) for rc in rcs) else any(rc == 1 for rc in rcs)
-
-
-def provenance(df, runs: list[str]) -> str:
-    """Which commits a table's runs were trained with, whether their model/data code differs, and whether
-    same-seed runs saw the same batches (same corpus and data code)."""
-    if not runs:
-        return "Rests on benchmark JSON and the paper only (no training run)."
-    sel = df[df["run_dir"].isin(runs)]
-    commits = [c if isinstance(c, str) else None for c in sel["git_commit"]]
-    short = lambda c: "unknown" if c is None else c[:12] + ("-dirty" if c.endswith("-dirty") else "")  # noqa: E731
-    names = ", ".join(f"{short(c)} ({commits.count(c)})" for c in sorted(set(commits), key=str))
-    differs = code_differs(commits)
-    note = {False: "one model/data code", True: "**warning: the model/data code differs between these "
-            "commits — rows may not be comparable**", None: "whether the model/data code differs cannot be "
-            "checked here (unknown or dirty commits)"}[differs]
-    same_batches = differs is False and sel["corpus"].nunique(dropna=False) == 1
-    batches = ("runs at the same seed saw the same batches" if same_batches else
-               "same-seed runs are not known to have seen the same batches")
-    cpus = [c if isinstance(c, str) else None for c in sel["cpu_model"]]
-    machines = ", ".join(f"{m or 'unknown'} ({cpus.count(m)})" for m in sorted(set(cpus), key=str))
-    mixed = (" **Trained on different CPUs: their float kernels round differently, and a routed model's run "
-             "takes another path at the same seed (README: Reproducibility).**" if len(set(cpus)) > 1 else "")
-    return f"Runs: {len(sel)}, trained at commit(s) {names} on {machines}; {note}; {batches}.{mixed}"
+# What a shared recipe option changes, said with it: W2 LR by fan_in moves only FFNs whose hidden width is not
+# 4 d_model (remoe.lit.lr_multiples), so Dense, and TopK / ReMoE at G=1 and any E, train exactly as under one LR
+RECIPE_EFFECT = {("W2 LR by fan_in",): "It changes how a run trains only where an FFN's hidden width differs "
+                 "from 4·d_model — Dense×8 (its W2 at lr/8) and experts at G > 1 (lr·G); Dense, and TopK and "
+                 "ReMoE at G = 1 (any E), train exactly as under the paper's one LR. "}
 
 
 def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md="", study_recipe=()) -> str:
     lines = ["# Report", "", "Generated by `python src/report.py` from the run directories below; "
-             "regenerate it with the same command. Rows labelled `paper` are the paper's numbers "
-             "(182M active parameters, 30B tokens of The Pile): a far larger setting than CPU runs.", ""]
+             "regenerate it with the same command. Rows whose source starts with `paper` are the paper's "
+             "numbers, each labelled with its own setting (182M active parameters on The Pile: 30B tokens, or "
+             "its shorter sensitivity runs): a far larger setting than CPU runs.", ""]
     if study_recipe:
-        lines += [f"**Every run here trains off the paper's optimizer recipe, the same way: {', '.join(study_recipe)}** "
-                  "(README: Options off the paper's recipe). Tables, figures and claims compare these runs "
-                  "with each other, and their labels leave it out.", ""]
+        lines += [f"**Every run here is configured off the paper's optimizer recipe, the same way: "
+                  f"{', '.join(study_recipe)}** (README: Options off the paper's recipe). "
+                  + RECIPE_EFFECT.get(tuple(study_recipe), "")
+                  + "Tables, figures and claims compare these runs with each other, and their labels leave it "
+                  "out.", ""]
     if notes:
         lines += [notes.strip(), ""]
     lines += [RULES, ""]
@@ -184,8 +235,9 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
         lines += [claims_md]
     lines += ["## Tables", ""]
     for name, t in made_tables.items():
-        lines += [f"### {TITLES[name]}", "", f"[md](tables/{name}.md) · [tex](tables/{name}.tex) · "
-                  f"[csv](tables/{name}.csv)", "", tables.to_markdown(t),
+        lines += [f"### {TITLES[name]}", "", *([CAPTIONS[name], ""] if name in CAPTIONS else []),
+                  f"[md](tables/{name}.md) · [tex](tables/{name}.tex) · [csv](tables/{name}.csv)", "",
+                  tables.to_markdown(t),
                   provenance(df, t.attrs.get("runs", [])), ""]
     if not made_tables:
         lines += ["(no table: no completed run matches a table's setting)", ""]

@@ -4,11 +4,15 @@ on, so a reader can judge it at this scale."""
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 
 from ..runs import RECIPE
+from . import paper
 from .collect import inactive_cells, routing_share, short_path
-from .stats import Verdict, all_of, clear_gap, compare, trend
+from .provenance import pair_key
+from .stats import Verdict, all_of, clear_gap, compare, family, t_test, trend
 from .tables import (LB_KNOBS, STD, _standard, identity_keys, load_balanced, off_recipe, paper_point,
                      variant)
 
@@ -24,17 +28,36 @@ def _f3(v) -> str:
     return "unknown" if v is None or pd.isna(v) else f"{float(v):.3f}"
 
 
+def _with_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """df with each run's pairing key (seed, CPU model, model/data code) as column "pair": computed over the
+    whole frame, so that commits of one model/data code share one class (provenance.pair_key)."""
+    return df if "pair" in df else df.assign(pair=pair_key(df))
+
+
 def _by_seed(g: pd.DataFrame, col: str = "val_loss") -> pd.Series:
-    return g.set_index("seed")[col]
+    """A column indexed by each run's pairing key: the tests pair two runs only where the whole key is equal."""
+    return pd.Series(g[col].to_numpy(), index=pd.Index(g["pair"], tupleize_cols=False))
+
+
+def _paper_gap(axis: str, value) -> float | None:
+    """The paper's ReMoE − TopK validation loss at this point of the E or G axis (182M, 30B tokens)."""
+    table = {"experts": paper.VAL_E, "granularity": paper.VAL_G}[axis]
+    try:
+        return table["remoe"][int(value)] - table["topk"][int(value)]
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dict]:
-    """ReMoE's val loss below TopK's at each value of `axis` (standard settings, k=1, E=8 or G=1)."""
+    """ReMoE's val loss below TopK's at each value of `axis` (standard settings, k=1, E=8 or G=1): one family
+    of tests, Holm-adjusted; each line names its test, raw and adjusted p, the MDE and the seeds the paper's
+    effect at that point would need."""
+    df = _with_pairs(df)
     moe = df[(_standard(df, "topk") | _standard(df, "remoe")) & (df["topk"] == 1)]
     moe = moe[moe["granularity"] == 1] if axis == "experts" else moe[moe["experts"] == 8]
-    lines, gaps, verdicts = [], {}, []
+    gaps, rows = {}, []
     if moe.empty:
-        return all_of([], f"values of {axis}"), lines, gaps
+        return all_of([], f"values of {axis}"), [], gaps
     # one comparison per setting: the axis value and any other identity field that varies (never pooled)
     keys = [k for k in identity_keys(moe, [axis, "model"]) if k != "model"]
     for key, g in moe.groupby(keys, dropna=False, sort=True):
@@ -43,12 +66,11 @@ def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dic
         if len(t) and len(r):
             gap = t["val_loss"].mean() - r["val_loss"].mean()
             gaps.setdefault(key[0], []).append(gap)
-            verdict = compare(_by_seed(r), _by_seed(t))
-            verdicts.append(verdict)
-            setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in zip(keys, key))
-            lines.append(f"{setting}: topk {_ms(t['val_loss'])}, remoe {_ms(r['val_loss'])}, "
-                         f"topk − remoe = {gap:+.4f}: {verdict}")
+            setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, key))
+            rows.append((setting, t, r, gap, t_test(_by_seed(r), _by_seed(t)), _paper_gap(axis, key[0])))
+    verdicts = family([c for *_, c, _ in rows], [e for *_, e in rows])
+    lines = [f"{setting}: topk {_ms(t['val_loss'])}, remoe {_ms(r['val_loss'])}, topk − remoe = {gap:+.4f}: {v}"
+             for (setting, t, r, gap, _, _), v in zip(rows, verdicts)]
     gaps = {v: g[0] for v, g in gaps.items() if len(g) == 1}  # a trend over one setting per axis value
     return all_of(verdicts, "settings"), lines, gaps
 
@@ -59,6 +81,7 @@ def inactive_experts(run_dir: str) -> int | None:
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
+    df = _with_pairs(df)
     moe = df[df["model"].notna() & (df["model"] != "dense")].copy()
     moe["inactive"] = [inactive_experts(d) for d in moe["run_dir"]]
     moe = moe.dropna(subset=["inactive"])
@@ -68,28 +91,27 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
     lb, nolb = moe[moe["lb"]], moe[~moe["lb"]]
     head = ("- Load balancing leaves no inactive expert (routed-token share < 1/(8·E·G) over the second half "
             "of training: the paper's 1/64 at E=8)")
-    by_method = [f"  - {m}, {'with' if on else 'without'} load balancing: inactive cells "
-                 f"{_ms(g['inactive'], 1)}" for (m, on), g in moe.groupby(["model", "lb"], sort=True)]
+    by_method = [f"  - {m}, {'with' if on else 'without'} load balancing, E={e:g}: inactive cells "
+                 f"{_ms(g['inactive'], 1)} (range {g['inactive'].min():.0f}–{g['inactive'].max():.0f})"
+                 for (m, on, e), g in moe.groupby(["model", "lb", "experts"], sort=True)]
     both = [m for m in sorted(moe["model"].unique())
             if len(lb[lb["model"] == m]) and len(nolb[nolb["model"] == m])]
     if both:  # as the paper: with against without load balancing, same method and setting (never pooled)
-        lines, verdicts = [], []
+        rows, absent = [], []
         for m in both:
             runs = moe[moe["model"] == m]  # one group per setting: identity but the seed and LB_KNOBS
             keys = [k for k in identity_keys(runs, ["model"]) if k not in LB_KNOBS]
             groups = [(g[g["lb"]], g[~g["lb"]]) for _, g in runs.groupby(keys, dropna=False, sort=True)]
             common = [(sa, sb) for sa, sb in groups if len(sa) and len(sb)]
-            for sa, sb in common:
-                v = compare(_by_seed(sa, "inactive").astype(float), _by_seed(sb, "inactive").astype(float))
-                verdicts.append(v)
-                r = sa.iloc[0]
-                where = f"E={r['experts']:g}, k={r['topk']:g}, G={r['granularity']:g}"
-                lines.append(f"  - {m} ({where}): inactive cells with LB {_ms(sa['inactive'], 1)}, without "
-                             f"{_ms(sb['inactive'], 1)}: fewer with LB {v}")
-            if not common:
-                lines.append(f"  - {m}: no setting run both with and without load balancing")
-        census = "  - every run, by method (settings pooled, for a census only):"
-        return [f"{head}, and fewer than without it: {all_of(verdicts, 'settings')}.", *lines, census,
+            rows += [(m, sa, sb, t_test(_by_seed(sa, "inactive").astype(float),
+                                        _by_seed(sb, "inactive").astype(float))) for sa, sb in common]
+            absent += [] if common else [f"  - {m}: no setting run both with and without load balancing"]
+        verdicts = family([c for *_, c in rows])
+        lines = [f"  - {m} (E={sa.iloc[0]['experts']:g}, k={sa.iloc[0]['topk']:g}, G={sa.iloc[0]['granularity']:g}): "
+                 f"inactive cells with LB {_ms(sa['inactive'], 1)}, without {_ms(sb['inactive'], 1)}: fewer with "
+                 f"LB {v}" for (m, sa, sb, _), v in zip(rows, verdicts)]
+        census = "  - every run, by method and E (other settings pooled, for a census only):"
+        return [f"{head}, and fewer than without it: {all_of(verdicts, 'settings')}.", *lines, *absent, census,
                 *[f"  {x}" for x in by_method]]
     bad = int((lb["inactive"] > 0).sum())
     word = Verdict("holds" if bad == 0 else "does not hold",
@@ -112,6 +134,7 @@ def _regime(df: pd.DataFrame) -> list[str]:
     loss beyond seed noise, ranking routing methods ranks noise. Checked once per optimizer recipe the runs
     share (runs.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
     named in its line), never across recipes."""
+    df = _with_pairs(df)
     keys = [k for k in RECIPE if k in df]
     if not keys:
         return _regime_at(df, [])
@@ -136,6 +159,7 @@ def _regime_at(df: pd.DataFrame, recipe: list[str]) -> list[str]:
 def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
     """Issue 12's question: one λ controller per layer (equal sparsity in every layer) against the global
     one."""
+    df = _with_pairs(df)
     remoe = df[df["model"] == "remoe"]
     if "lambda_per_layer" not in remoe or not len(remoe):
         return []
@@ -150,10 +174,30 @@ def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
             f"issue 12): {v} — per-layer {_ms(per['val_loss'])}, global {_ms(glob_['val_loss'])}."]
 
 
+def _settling_spread(settled: pd.Series) -> str:
+    """The settling steps' distribution, not only its median: quartiles, range, and the slow runs."""
+    q1, q3 = settled.quantile(0.25), settled.quantile(0.75)
+    slow = sorted(int(x) for x in settled if x > 200)
+    return (f"median {settled.median():.0f} steps, quartiles {q1:.0f}–{q3:.0f}, range {settled.min():.0f}–"
+            f"{settled.max():.0f}" + (f"; {len(slow)} over 200 steps ({', '.join(f'{x:,}' for x in slow)})"
+                                      if slow else ""))
+
+
+GLANCE = re.compile(r"^- (.+?): \*\*(holds|does not hold|inconclusive)\*\*")
+
+
+def at_a_glance(lines: list[str]) -> list[str]:
+    """One line per claim: its verdict word, generated from the claims themselves (the one source of every
+    verdict the index states)."""
+    found = [GLANCE.match(x) for x in lines]
+    return [f"- **{m.group(2)}**: {m.group(1)}" for m in found if m]
+
+
 def claims(df: pd.DataFrame, roots: list[str]) -> str:
     if df.empty:
         return ""
-    out = ["## The paper's claims at this scale", ""]
+    df = _with_pairs(df)  # the paired tests' key: (seed, CPU model, model/data code)
+    out = []
     out += _regime(df)
     for axis, what in (("experts", "every E"), ("granularity", "every G")):
         verdict, lines, _ = _remoe_vs_topk(df, axis)
@@ -179,8 +223,8 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
             ok = bool(len(settled) == len(st) and settled.median() <= 200)
             out += [f"- ReMoE's sparsity settles at 1 − k/E (±0.05) after ~100 steps (paper: 110 at λ0=1e-8, "
                     f"α=1.2): {Verdict('holds' if ok else 'does not hold', rule)} — {len(settled)}/{len(st)} "
-                    f"runs settle; median {settled.median():.0f} steps, range {settled.min():.0f}–"
-                    f"{settled.max():.0f}." + (f" Never settled: {'; '.join(never)}." if never else "")]
+                    f"runs settle; {_settling_spread(settled)}." + (f" Never settled: {'; '.join(never)}." if never
+                                                                      else "")]
         else:
             out += [f"- ReMoE's sparsity settles at its target: "
                     f"{Verdict('does not hold', f'no run of {len(st)} settled; {rule}')}."]
@@ -195,4 +239,9 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
                         + ", ".join(f"{k:g}: {v:.0f}" for k, v in g.items()) + "."]
     out += _inactive_claim(df)
     out += _per_layer_lambda(df)
-    return "\n".join(out) + "\n"
+    glance = at_a_glance(out)
+    head = ["## The paper's claims at this scale", ""]
+    if glance:
+        head += ["At a glance (each verdict as the claims below decide it; the details give the numbers, the "
+                 "test, and what it could have detected):", "", *glance, ""]
+    return "\n".join(head + out) + "\n"

@@ -18,18 +18,27 @@ TREND_PAIRS = 0.8  # share of adjacent steps that must move the claimed way
 TREND_RHO = 0.8  # |Spearman rho| a trend needs
 REGIME_SIGMAS = 2.0  # the regime check: each gap above this many times the larger seed std
 
+POWER = 0.8  # the power a minimum detectable effect is stated at
+
 RULES = f"""**How verdicts are decided.** A comparison "A is lower than B" (validation loss) *holds* when a
 t-test finds the difference at p < {P} (two-sided) in the claimed direction, *does not hold* when it finds
 it at p < {P} in the opposite direction, and is *inconclusive* otherwise — also whenever a side has fewer
-than 2 seeds. The test is paired (scipy `ttest_rel`) when both sides ran the same seeds, which see the
-same batches (the batch order is a function of seed, corpus and data code), else Welch's (`ttest_ind`,
-unequal variances). A trend "y falls (rises) with x" *holds* when at least {TREND_PAIRS:.0%} of adjacent
-steps move that way and Spearman ρ has that sign with |ρ| ≥ {TREND_RHO}, *does not hold* when the same is
-true the other way, and is inconclusive otherwise (fewer than 3 points included). A table row pools only
-runs that differ in nothing but the seed (every field of a setting's identity in `runs.RunSummary`);
-mean ± sample std over seeds, n = seeds. The *regime check* (can this scale rank routing methods?) asks
-more: Dense×8 < TopK < Dense with each gap above {REGIME_SIGMAS:g}× the larger of the two sides' seed
-standard deviations, at least 3 seeds a side; the claims about routing methods are read against it."""
+than 2 seeds. **Pairs are really paired:** the test is paired (scipy `ttest_rel`) only when both sides ran
+the same (seed, CPU model, model/data code) triples — the same seed gives the same batches, and a routed run
+moves by about one seed's spread between CPUs (`reports/machine_check/`) — else Welch's (`ttest_ind`, unequal
+variances); each line says which, and why not paired. **Several tests, one claim:** a claim made for every
+point of an axis ("at every E") is a family of tests; p-values are Holm-adjusted within it (both raw and
+adjusted p are shown) and each point's verdict uses the adjusted p. **What a test could see:** every
+comparison states its *minimum detectable effect* (MDE): the difference its n and observed spread would detect
+with {POWER:.0%} power at p < {P} (noncentral t), so an inconclusive verdict says how large an effect it could
+have missed; where the paper reports an effect at that point, the seeds that would detect it. A trend "y falls
+(rises) with x" *holds* when at least {TREND_PAIRS:.0%} of adjacent steps move that way and Spearman ρ has
+that sign with |ρ| ≥ {TREND_RHO}, *does not hold* when the same is true the other way, and is inconclusive
+otherwise (fewer than 3 points included). A table row pools only runs that differ in nothing but the seed
+(every field of a setting's identity in `runs.RunSummary`); mean ± sample std over seeds, n = seeds. The
+*regime check* (can this scale rank routing methods?) asks more: Dense×8 < TopK < Dense with each gap above
+{REGIME_SIGMAS:g}× the larger of the two sides' seed standard deviations, at least 3 seeds a side; the claims
+about routing methods are read against it."""
 
 
 @dataclass(frozen=True)
@@ -41,34 +50,147 @@ class Verdict:
         return f"**{self.word}** ({self.why})"
 
 
-def compare(a: pd.Series, b: pd.Series) -> Verdict:
-    """The claim mean(a) < mean(b). a, b: values indexed by seed."""
-    a, b = a.dropna(), b.dropna()
-    if len(a) < 2 or len(b) < 2:
-        return Verdict("inconclusive", f"n={len(a)} vs n={len(b)}: fewer than 2 seeds on a side")
-    paired = sorted(a.index) == sorted(b.index) and a.index.is_unique
-    diff = a.mean() - b.mean()
+def power(effect: float, sd: float, n: int, paired: bool = True, n_b: int | None = None,
+          alpha: float = P) -> float:
+    """Power of the two-sided t-test to find a true difference `effect` (noncentral t). paired: n pairs whose
+    differences have sample std `sd`; else Welch with n and n_b runs, each side's std `sd`."""
     if paired:
-        spread = np.ptp(a.sort_index().to_numpy() - b.sort_index().to_numpy())
+        df, se = n - 1, sd / math.sqrt(n)
+    else:
+        n_b = n_b or n
+        df, se = n + n_b - 2, sd * math.sqrt(1 / n + 1 / n_b)
+    if df < 1 or not se > 0:
+        return float("nan")
+    t = stats.t.ppf(1 - alpha / 2, df)
+    ncp = abs(effect) / se
+    up, low = stats.nct.sf(t, df, ncp), stats.nct.cdf(-t, df, ncp)
+    if not math.isfinite(up):  # scipy's noncentral t gives nan far in its tails: the normal limit there
+        up = float(stats.norm.sf(t - ncp))
+    return float(up + (low if math.isfinite(low) else 0.0))
+
+
+def mde(sd: float, n: int, paired: bool = True, n_b: int | None = None, alpha: float = P,
+        target: float = POWER) -> float | None:
+    """The smallest |difference| detected with `target` power (None when untestable)."""
+    from scipy.optimize import brentq
+
+    if not sd > 0 or (n - 1 if paired else n + (n_b or n) - 2) < 1:
+        return None
+    hi = sd
+    while power(hi, sd, n, paired, n_b, alpha) < target:
+        hi *= 2
+    return float(brentq(lambda d: power(d, sd, n, paired, n_b, alpha) - target, 0.0, hi, xtol=sd * 1e-6))
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = P, target: float = POWER, most: int = 10_000) -> int | None:
+    """Paired seeds needed to detect `effect` with `target` power at `alpha` (two-sided), given the sd of
+    the paired differences; None beyond `most`."""
+    if not sd > 0:
+        return None
+    n = 2
+    while power(effect, sd, n, True, None, alpha) < target:
+        n = n + 1 if n < 64 else int(n * 1.25)
+        if n > most:
+            return None
+    return n
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment within one family (None: no test, left out of the family)."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    m, out, running = len(idx), list(pvalues), 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The test of the claim mean(a) < mean(b), before a verdict: difference, p (None: untestable), which
+    test, the spread it saw and the minimum detectable effect (MDE) at POWER."""
+
+    diff: float
+    p: float | None
+    test: str
+    n: int
+    n_b: int
+    sd: float | None = None  # paired: std of the differences; Welch: the larger side's std
+    paired: bool = False
+    note: str = ""  # why untestable (fewer than 2 seeds, no variance)
+
+    @property
+    def mde(self) -> float | None:
+        return None if self.sd is None else mde(self.sd, self.n, self.paired, self.n_b)
+
+    def verdict(self, p_adjusted: float | None = None, family: int = 1, paper_effect: float | None = None) -> Verdict:
+        """Holds / does not hold / inconclusive on the (Holm-adjusted, within a family of `family`) p; the
+        detail names the test, raw and adjusted p, the MDE and the seeds the paper's effect would need."""
+        if self.p is None:
+            if self.note == "same":  # no variance: the sign is the same at every seed
+                return Verdict("holds" if self.diff < 0 else "does not hold",
+                               f"difference {self.diff:+.4f}, the same at every one of {self.n} seeds (no variance "
+                               "to test)") if self.diff else Verdict("inconclusive", "no difference")
+            return Verdict("inconclusive", self.note)
+        p = self.p if p_adjusted is None else p_adjusted
+        ps = f"p={self.p:.3g}" + (f", Holm-adjusted over {family} tests p={p:.3g}" if family > 1 else "")
+        detail = f"difference {self.diff:+.4f}, {self.test}, {ps}"
+        if self.mde is not None:
+            detail += f"; MDE {self.mde:.4f} at {POWER:.0%} power"
+        if paper_effect is not None and self.sd is not None:
+            need = seeds_needed(paper_effect, self.sd if self.paired else self.sd * math.sqrt(2),
+                                alpha=P / family)
+            detail += (f"; the paper's {paper_effect:+.3f} would need {need} paired seeds" if need else
+                       f"; the paper's {paper_effect:+.3f} would need over 10,000 seeds") + \
+                (f" at p < {P}/{family}" if family > 1 else "")
+        if p < P:
+            return Verdict("holds" if self.diff < 0 else "does not hold", detail)
+        return Verdict("inconclusive", detail + f"; p ≥ {P}")
+
+
+def t_test(a: pd.Series, b: pd.Series) -> Comparison:
+    """The comparison mean(a) < mean(b). a, b: values indexed by their pairing key ((seed, CPU model, code
+    class) tuples, or plain seeds): paired when both sides hold the same keys, else Welch's."""
+    a, b = a.dropna(), b.dropna()
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    if len(a) < 2 or len(b) < 2:
+        return Comparison(diff, None, "", len(a), len(b), note=f"n={len(a)} vs n={len(b)}: fewer than 2 seeds on a side")
+    paired = set(a.index) == set(b.index) and a.index.is_unique and b.index.is_unique
+    if paired:
+        d = a.sort_index().to_numpy() - b.sort_index().to_numpy()
+        spread, sd = np.ptp(d), float(np.std(d, ddof=1))
     else:
         spread = np.ptp(a.to_numpy()) + np.ptp(b.to_numpy())
-    if spread == 0:  # no seed noise at all: a t statistic is undefined; the sign is the same at every seed
-        if diff == 0:
-            return Verdict("inconclusive", "no difference")
-        return Verdict("holds" if diff < 0 else "does not hold",
-                       f"difference {diff:+.4f}, the same at every one of {len(a)} seeds (no variance "
-                       "to test)")
+        sd = float(max(a.std(ddof=1), b.std(ddof=1)))
+    if spread == 0:
+        return Comparison(diff, None, "", len(a), len(b), note="same")
     if paired:
         res = stats.ttest_rel(a.sort_index().to_numpy(), b.sort_index().to_numpy())
         test = f"paired t-test over {len(a)} shared seeds"
     else:
         res = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
-        test = f"Welch's t-test, n={len(a)} vs {len(b)}"
-    p = float(res.pvalue)
-    detail = f"difference {diff:+.4f}, {test}, p={p:.3g}"
-    if p < P:
-        return Verdict("holds" if diff < 0 else "does not hold", detail)
-    return Verdict("inconclusive", detail + f" ≥ {P}")
+        test = f"Welch's t-test, n={len(a)} vs {len(b)}" + _why_unpaired(a.index, b.index)
+    return Comparison(diff, float(res.pvalue), test, len(a), len(b), sd, paired)
+
+
+def _why_unpaired(ia: pd.Index, ib: pd.Index) -> str:
+    seeds = lambda ix: {k[0] if isinstance(k, tuple) else k for k in ix}  # noqa: E731
+    if seeds(ia) == seeds(ib) and len(seeds(ia)) == len(ia):
+        return " (not paired: a seed's runs trained on different CPUs or model/data code)"
+    return ""
+
+
+def compare(a: pd.Series, b: pd.Series, paper_effect: float | None = None) -> Verdict:
+    """The claim mean(a) < mean(b), one test on its own (a family of one)."""
+    return t_test(a, b).verdict(paper_effect=paper_effect)
+
+
+def family(comparisons: list[Comparison], paper_effects: list[float | None] | None = None) -> list[Verdict]:
+    """Verdicts of one claim's family of tests, on Holm-adjusted p-values."""
+    adjusted = holm([c.p for c in comparisons])
+    effects = paper_effects or [None] * len(comparisons)
+    return [c.verdict(p, len([x for x in comparisons if x.p is not None]), e)
+            for c, p, e in zip(comparisons, adjusted, effects)]
 
 
 def clear_gap(a: pd.Series, b: pd.Series, min_seeds: int = 3) -> Verdict:

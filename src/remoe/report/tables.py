@@ -259,9 +259,59 @@ def sensitivity(df: pd.DataFrame, param: str) -> pd.DataFrame | None:
         return None
     out = aggregate(sel, ["size", "experts", param], {"val_loss": 4, "settling_step": 1}, _ours(sel))
     table = paper.LAMBDA0 if param == "lambda0" else paper.ALPHA
-    ref = [{"source": paper.SETTING, "size": "182m", "experts": 8, param: k, "n": 1, "val_loss": f"{v:.3f}",
+    ref = [{"source": paper.SENSITIVITY_SETTING, "size": "182m", "experts": 8, param: k, "n": 1, "val_loss": f"{v:.3f}",
             "settling_step": str(t)} for k, (v, t) in table.items()]
     return _with_paper(out, ref)
+
+
+PASS_TAIL = 50  # steps of training loss averaged before a pass ends
+
+
+def pass_gaps(run_dir: str, pass_steps: int, steps: int) -> list[float]:
+    """Validation − training loss at the end of each full pass over the corpus: the mean train/lm_loss of the
+    pass's last PASS_TAIL steps, against the last validation at or before its last step (steps count from 0,
+    and a validation logged at step s ran after s + 1 steps). Positive: the model does better on text it has
+    seen (memorisation)."""
+    from .collect import read_metrics
+
+    m = read_metrics(run_dir)
+    if m is None or "train/lm_loss" not in m or "val/loss" not in m:
+        return []
+    train = m.dropna(subset=["train/lm_loss"]).set_index("step")["train/lm_loss"]
+    val = m.dropna(subset=["val/loss"]).set_index("step")["val/loss"]
+    out = []
+    for end in range(pass_steps - 1, steps, pass_steps):  # the last step of each full pass
+        tail, before = train[(train.index > end - PASS_TAIL) & (train.index <= end)], val[val.index <= end]
+        out.append(float(before.iloc[-1] - tail.mean()) if len(tail) and len(before) else float("nan"))
+    return out
+
+
+def memorisation(df: pd.DataFrame, corpora: dict) -> pd.DataFrame | None:
+    """When runs see their corpus more than once: validation − training loss at the end of each pass, per
+    method and E (standard settings, k=1, G=1), mean ± std over seeds. A pass is the corpus's training
+    sequences / the global batch (summary.json train_sequences and seq_len; records from before those fields:
+    the roots' corpora.json, by corpus fingerprint)."""
+    rows = []
+    sel = df[(scaling_moe(df, "experts") | (df["model"] == "dense")) & df["train_tokens"].notna()]
+    labels = variant(sel)
+    for i, r in sel.iterrows():
+        info = corpora.get(r.get("corpus"), {})
+        n_seq = r.get("train_sequences") if pd.notna(r.get("train_sequences")) else info.get("train_sequences")
+        seq_len = r.get("seq_len") if pd.notna(r.get("seq_len")) else info.get("seq_len")
+        if not n_seq or not seq_len or not r["steps"]:
+            continue
+        batch = round(r["train_tokens"] / r["steps"] / seq_len)  # sequences per optimizer step
+        pass_steps = int(n_seq) // batch
+        if pass_steps < 1 or r["steps"] < 2 * pass_steps:
+            continue  # one pass or less: nothing repeats
+        gaps = pass_gaps(r["run_dir"], pass_steps, int(r["steps"]))
+        rows.append({**{k: r[k] for k in ("size", "experts", "seed", "run_dir")}, "variant": labels[i],
+                     "pass_steps": pass_steps, **{f"pass {p + 1}": g for p, g in enumerate(gaps)}})
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    cols = sorted((c for c in frame if c.startswith("pass ")), key=lambda c: int(c[5:]))
+    return aggregate(frame, ["size", "variant", "experts", "pass_steps"], {c: 3 for c in cols}, _ours(sel))
 
 
 def throughput(bench: list[dict]) -> pd.DataFrame | None:
