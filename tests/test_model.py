@@ -473,10 +473,13 @@ def synthetic_batches(vocab, B, S, seed):
         yield motif.repeat(1, S // 8 + 1)[:, : S + 1]
 
 
-@pytest.mark.parametrize("E,k", [(8, 1), (8, 2)])
-def test_remoe_reaches_target_sparsity(E, k):
+@pytest.mark.parametrize("E,k,G", [(8, 1, 1), (8, 2, 1), (8, 1, 2)])
+def test_remoe_reaches_target_sparsity(E, k, G):
+    """The controller brings the step sparsity to 1 - k/E, fine-grained too: within 0.015 over the last 50 of
+    300 steps on this synthetic data (measured 0.005, 0.011, 0.005 off; real runs' tails land within 0.01,
+    reports/runs). Was 0.05: ±0.4 experts per token at k=1."""
     torch.manual_seed(0)
-    cfg = preset("tiny", "remoe", vocab_size=256, experts=E, topk=k)
+    cfg = preset("tiny", "remoe", vocab_size=256, experts=E, topk=k, granularity=G)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     method = build_method(cfg)  # the paper's lambda0=1e-8, alpha=1.2
@@ -499,7 +502,7 @@ def test_remoe_reaches_target_sparsity(E, k):
           [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda",
           method.coefficient())
     assert traj[0] < cfg.target_sparsity - 0.15  # ReLU at init: ~half the gates are zero, well below target
-    assert abs(tail - cfg.target_sparsity) <= 0.05
+    assert abs(tail - cfg.target_sparsity) <= 0.015
     assert math.isfinite(lm.item())
 
 

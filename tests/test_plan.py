@@ -35,7 +35,8 @@ def test_measured_costs_match_the_gemm_arithmetic():
 @pytest.mark.parametrize("k", [1, 8])  # steady state (k=1) and a Stage-I-like layer (every expert)
 def test_the_plan_adds_up_to_a_whole_model_measured_at_once(k):
     """The estimate (head + L blocks + N pairs, from 1-block measurements) against the activation bytes the
-    whole 2-layer model saves for backward, measured the same way in one real forward: within 15%."""
+    whole 2-layer model saves for backward, measured the same way in one real forward: within 3% (README:
+    Paper scale promises 3%; measured here 1% at k=1, 0% at k=8)."""
     cfg = preset("tiny", "topk", vocab_size=1000, experts=8, topk=k)
     m = measure(cfg, seq_len=128, precision="32-true")
     torch.manual_seed(0)
@@ -44,7 +45,7 @@ def test_the_plan_adds_up_to_a_whole_model_measured_at_once(k):
     saved = saved_activation_bytes(model, ids)
     est = activation_bytes(m, cfg.n_layer, 4 * 128, k)
     print(f"k={k}: estimated {est / 2**20:.1f} MiB, measured {saved / 2**20:.1f} MiB")
-    assert est == pytest.approx(saved, rel=0.15)
+    assert est == pytest.approx(saved, rel=0.03)
     assert flops_per_token(m, cfg.n_layer, k) > 0
 
 
@@ -81,7 +82,7 @@ def test_plan_cli_and_the_plan_of_every_run(train, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
     p = subprocess.run([*args, "experts=0"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "config error: experts: must be a positive int (got 0)"
+        "plan: config error: experts: must be a positive int (got 0)"
     ]
     _, out = train(
         "logger=none",
@@ -118,7 +119,7 @@ def test_stage_one_ceiling_at_64_experts():
         f"E=64, all experts: kept {full / 2**20:.1f} MiB without the ceiling, {kept / 2**20:.1f} MiB with it "
         f"(estimate {est / 2**20:.1f} MiB + one layer's {transient / 2**20:.1f} MiB while recomputing)"
     )
-    assert kept < 0.25 * full and est == pytest.approx(kept, rel=0.15)
+    assert kept < 0.25 * full and est == pytest.approx(kept, rel=0.05)  # 3.2 vs 3.3 MiB: small sums round
 
 
 @pytest.mark.parametrize("sweep,point", [("scale_experts", ["experts=128"]), ("scale_size", ["size=978m"])])

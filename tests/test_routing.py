@@ -225,3 +225,61 @@ def test_a_collapsing_layer_is_warned_once_and_recorded(caplog):
     top = build_method(preset("tiny", "topk", vocab_size=100))
     top.on_optimizer_step(_stats(0, [4096, 4096]))
     assert top.summary()["collapsed_layers"] == []
+
+
+def _feed(method, nnz_per_step):
+    """Run a routing method's per-step bookkeeping over a constructed series of per-layer nnz counts."""
+    for step, nnz in enumerate(nnz_per_step):
+        method.on_optimizer_step(_stats(step, nnz))
+    return method.summary()
+
+
+S = lambda nnz: 1 - nnz / (4096 * 8)  # noqa: E731 - a layer's sparsity from its nnz (T=4096, E=8)
+
+
+@pytest.mark.parametrize("case", ["step", "noisy", "late_excursion", "never"])
+def test_settling_and_tail_sparsity_against_hand_computed_series(case):
+    """The numbers the report reads (summary.json sparsity, settling_step, sparsity_final, layer_sparsity) on
+    constructed series of 400 steps, against values computed here by hand: the tail is the last 10% (40
+    steps), not the head; settling is the first step from which |S - 0.875| <= 0.05 holds to the end."""
+    on, hi, lo, off = 4096, 4096 - 500, 4096 + 500, 16384  # S = 0.875, 0.890, 0.860, 0.5
+    series = {"step": [[off, off]] * 100 + [[on, on]] * 300,
+              "noisy": [[off, off]] * 100 + [[hi, lo] if i % 2 else [lo, hi] for i in range(300)],
+              "late_excursion": [[off, off]] * 100 + [[on, on]] * 290 + [[off, off]] + [[on, on]] * 9,
+              "never": [[off, off]] * 400}[case]
+    series = [list(x) for x in series]
+    if case == "noisy":
+        series[150] = [8192, 8192]  # S = 0.75: out of the band once, then in it to the end
+    s = _feed(build_method(preset("tiny", "remoe", vocab_size=100)), series)
+    per_step = [sum(S(n) for n in row) / 2 for row in series]
+    tail = per_step[-40:]
+    expect_settle = {"step": 100, "noisy": 151, "late_excursion": 391, "never": None}[case]
+    assert s["settling_step"] == expect_settle
+    assert s["sparsity"] == pytest.approx(sum(tail) / 40, abs=1e-12)
+    assert s["sparsity"] != pytest.approx(sum(per_step[:40]) / 40) or case == "never"  # the tail, not the head
+    assert s["sparsity_final"] == pytest.approx(per_step[-1])
+    layer = [sum(S(row[i]) for row in series[-40:]) / 40 for i in (0, 1)]
+    assert s["layer_sparsity"] == pytest.approx(layer, abs=1e-12) and s["collapsed_layers"] == []
+
+
+def test_collapsed_layers_are_judged_on_the_tail_at_a_tenth_of_k():
+    """A layer is collapsed when its mean experts per token over the tail window stays below 0.1 k: 0.09 is,
+    0.11 is not; a collapse early in training that recovered is not in the record (G=2: k*G = 2, E*G = 16)."""
+    cfg = preset("tiny", "remoe", vocab_size=100, granularity=2)
+    T = 4096
+
+    def stats(step, per_token):
+        counts = np.zeros((2, 16), dtype=np.int64)
+        counts[:, 0] = [round(p * T) for p in per_token]
+        return RoutingStats(step, counts, np.full(2, T))
+
+    m = build_method(cfg)
+    for step in range(400):
+        early = step < 100
+        m.on_optimizer_step(stats(step, [0.01 if early else 2.0, 0.18 if step >= 360 else 0.5]))
+    assert m.summary()["collapsed_layers"] == [1]  # 0.18 < 0.1 x 2 over the last 40 steps; layer 0 recovered
+    n = build_method(cfg)
+    for step in range(400):
+        n.on_optimizer_step(stats(step, [2.0, 0.22 if step >= 360 else 0.5]))
+    s = n.summary()
+    assert s["collapsed_layers"] == [] and s["layer_sparsity"][1] == pytest.approx(1 - round(0.22 * T) / T / 16)
