@@ -113,9 +113,26 @@ def test_loglikelihood_rolling_long_document_uses_disjoint_windows(lm):
     assert got == pytest.approx(total, abs=1e-3)
 
 
-def test_generate_until_stops(lm):
-    [out] = lm.generate_until([req("generate_until", ("def f(x):\n", {"until": ["\n"], "max_gen_toks": 8}))])
-    assert isinstance(out, str) and "\n" not in out
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(lm):
+    """Against a greedy loop written here on the model's logits: the same text, cut before the first stop
+    string; an empty answer passes only where the reference is empty too, and not every answer may be."""
+    contexts = ["def f(x):\n", "import os\nimport", "class Foo:\n    def", "# a comment about", "x = [1, 2,"]
+    outs = lm.generate_until([req("generate_until", (c, {"until": ["\n"], "max_gen_toks": 8})) for c in contexts])
+
+    def reference(ctx):
+        ids, new = lm.tok_encode(ctx), []
+        for _ in range(8):
+            with torch.no_grad():
+                nxt = int(lm.model(torch.tensor([ids + new]))[0][0, -1].argmax())
+            if nxt == lm.eot_token_id:
+                break
+            new.append(nxt)
+            if "\n" in lm.tok_decode(new):
+                break
+        return lm.tok_decode(new).split("\n")[0]
+
+    refs = [reference(c) for c in contexts]
+    assert outs == refs and any(refs)
 
 
 # ---- on a trained checkpoint -------------------------------------------------------------------------
@@ -230,7 +247,14 @@ def test_lm_eval_cli_with_remoe_model(trained, tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     [res] = glob.glob(str(tmp_path / "res" / "**" / "results_*.json"), recursive=True)
     acc = json.loads(Path(res).read_text())["results"]["remoe_choice"]["acc,none"]
-    assert 0 <= acc <= 1
+    # the same checkpoint, tasks and limit evaluated in this process through lm-eval's Python API
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    mine = lm_eval.simple_evaluate(model=RemoeLM(checkpoint=str(run / "checkpoints" / "last.ckpt"), batch_size=4),
+                                   tasks=["remoe_choice"], task_manager=TaskManager(include_path=include), limit=20,
+                                   bootstrap_iters=0)
+    assert acc == mine["results"]["remoe_choice"]["acc,none"]
 
 
 def test_paper_suite_offline_fails_clearly(train):

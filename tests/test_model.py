@@ -475,9 +475,10 @@ def synthetic_batches(vocab, B, S, seed):
 
 @pytest.mark.parametrize("E,k,G", [(8, 1, 1), (8, 2, 1), (8, 1, 2)])
 def test_remoe_reaches_target_sparsity(E, k, G):
-    """The controller brings the step sparsity to 1 - k/E, fine-grained too: within 0.015 over the last 50 of
-    300 steps on this synthetic data (measured 0.005, 0.011, 0.005 off; real runs' tails land within 0.01,
-    reports/runs). Was 0.05: ±0.4 experts per token at k=1."""
+    """The controller brings the step sparsity to 1 - k/E, fine-grained too: within 0.03 over the last 50 of
+    300 steps on this synthetic data, whose sparsity still swings by ±0.05 around the target there (measured
+    0.005 / 0.011-0.026 / 0.005 off for the three cases; the k=2 tail moves with the thread count, ReMoE being
+    chaotic); real runs' 50-step tails land within 0.01 (reports/runs). Was 0.05."""
     torch.manual_seed(0)
     cfg = preset("tiny", "remoe", vocab_size=256, experts=E, topk=k, granularity=G)
     model = Transformer(cfg)
@@ -502,7 +503,7 @@ def test_remoe_reaches_target_sparsity(E, k, G):
           [round(traj[i], 3) for i in range(0, 300, 25)], "tail mean", round(tail, 4), "lambda",
           method.coefficient())
     assert traj[0] < cfg.target_sparsity - 0.15  # ReLU at init: ~half the gates are zero, well below target
-    assert abs(tail - cfg.target_sparsity) <= 0.015
+    assert abs(tail - cfg.target_sparsity) <= 0.03
     assert math.isfinite(lm.item())
 
 

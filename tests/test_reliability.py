@@ -84,7 +84,8 @@ def test_sigkill_then_resume_gives_bitwise_identical_metrics(tmp_path, env, mode
     print(f"killed at step {killed_at}; resumed; final val loss {a['val_loss']} both")
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, env):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])  # SLURM sends SIGUSR1 before its SIGTERM
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, env, sig):
     run = tmp_path / "run"
     run.mkdir()
     q = start(run, env, "trainer.max_steps=400", "size.ckpt_interval=1000")
@@ -93,10 +94,10 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, env):
     while not (run / "metrics.csv").exists() or "val/loss" not in (run / "metrics.csv").read_text():
         assert q.poll() is None and time.time() - t < 300
         time.sleep(0.1)
-    q.send_signal(signal.SIGTERM)
+    q.send_signal(sig)
     assert q.wait(timeout=120) == 0
     s = read_summary(run)
-    assert s["status"] == "preempted" and "resume=true" in s["error"]
+    assert s["status"] == "preempted" and "resume=true" in s["error"] and sig.name in s["error"]
     step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
     assert 8 <= step < 400
 

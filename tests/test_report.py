@@ -60,6 +60,17 @@ def test_report_over_a_multirun(tiny_sweep, tmp_path):
     # the claims section states a verdict with the numbers behind it
     assert "## The paper's claims at this scale" in index
     assert "ReMoE reaches a lower validation loss than TopK at every E" in index and "(n=2)" in index
+    # ... and the verdict is the rule's, recomputed here from the summaries (one setting: E=8, 2 paired seeds)
+    from scipy import stats
+
+    runs = [read_summary(Path(p).parent) for p in glob.glob(str(tiny_sweep / "**" / "summary.json"), recursive=True)]
+    by = {m: [r["val_loss"] for r in sorted(runs, key=lambda r: r["seed"]) if r["model"] == m] for m in ("remoe", "topk")}
+    p = stats.ttest_rel(by["remoe"], by["topk"]).pvalue
+    diff = statistics.mean(by["remoe"]) - statistics.mean(by["topk"])
+    word = "inconclusive" if not p < 0.05 else ("holds" if diff < 0 else "does not hold")
+    line = next(x for x in index.splitlines() if x.startswith("  - experts=8: topk"))
+    assert f"**{word}** (difference {diff:+.4f}, paired t-test over 2 shared seeds, p={p:.3g}" in line, line
+    assert f"- **{word}**: ReMoE reaches a lower validation loss than TopK at every E" in index  # at a glance
 
 
 def test_report_covers_every_routing_method(tiny_sweep, train, tmp_path):
