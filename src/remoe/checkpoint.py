@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError, first_line
-from .runs import pid_alive
+from .runs import remove_leftovers
 
 META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part (lightning.fabric.utilities.load)
 
@@ -286,7 +286,4 @@ def checkpoint_io():
 
 def remove_stale_partials(folder: str | Path) -> None:
     """Delete `.<name>.partial-<pid>` files of save_atomic whose process is gone (a kill mid-save)."""
-    for p in Path(folder).glob(".*.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
+    remove_leftovers(str(folder), r"\..+\.partial-(?P<pid>\d+)")

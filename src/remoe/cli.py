@@ -46,6 +46,15 @@ class RunFailed(RuntimeError):
     line naming the record."""
 
 
+def unwritable(path: str) -> str | None:
+    """The nearest existing folder at or above `path` when this process cannot write into it (permissions, a
+    read-only file system), else None: what a command checks before it works toward writing there."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return None if os.access(probe, os.W_OK) else probe
+
+
 def first_line(text: str, limit: int = 1000) -> str:
     line = next((x.strip() for x in str(text).splitlines() if x.strip()), "")
     return line if len(line) <= limit else line[: limit - 1] + "…"

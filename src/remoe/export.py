@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, unwritable
 from .model import ModelConfig, Transformer
 
 log = logging.getLogger("remoe")
@@ -61,28 +62,16 @@ def _check_out(checkpoint: str, out: str, overwrite: bool) -> None:
             raise ExportError(f"out: {out} exists and is not empty; choose another folder or set overwrite=true")
         if not is_export(out):
             raise ExportError(f"out: {out} is not an earlier remoe export; overwrite=true replaces only those")
-    parent = os.path.dirname(out)
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK):
+    if probe := unwritable(os.path.dirname(out)):
         raise ExportError(f"out: cannot write into {probe} (permission denied or read-only)")
 
 
 def _remove_stale_temps(parent: str, name: str) -> None:
     """Leftovers of an export killed midway (<name>_partial_<pid>_*, <name>_old_<pid>_*) whose process is gone."""
-    from .runs import pid_alive
+    from .runs import remove_leftovers
 
-    if not os.path.isdir(parent):
-        return
-    for entry in os.listdir(parent):
-        for kind in ("_partial_", "_old_"):
-            if entry.startswith(name + kind):
-                pid = entry[len(name + kind):].split("_", 1)[0]
-                if pid.isdigit() and not pid_alive(int(pid)):
-                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-                    log.warning("export: removed %s, left by an export that was stopped midway",
-                                os.path.join(parent, entry))
+    for path in remove_leftovers(parent, re.escape(name) + r"_(partial|old)_(?P<pid>\d+)_.*"):
+        log.warning("export: removed %s, left by an export that was stopped midway", path)
 
 
 # ---- dense <-> LLaMA ----------------------------------------------------------------------------------

@@ -336,6 +336,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_leftovers(folder: str, pattern: str) -> list[str]:
+    """Remove the entries of `folder` whose name matches `pattern` (a regex with a `pid` group: the process
+    that wrote it) when that process is gone: the temporary file or folder of a save, export, preparation or
+    report build that was killed midway. Returns what was removed."""
+    import re
+    import shutil
+
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for entry in sorted(os.listdir(folder)):
+        m = re.fullmatch(pattern, entry)
+        if m and not pid_alive(int(m.group("pid"))):
+            path = os.path.join(folder, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 class RunFolderBusy(RuntimeError):
     """Another live process owns the run folder."""
 

@@ -98,13 +98,12 @@ def check_prepare_target(source: str, out: str) -> None:
 
 def _remove_stale_partials(out: str) -> None:
     """<out>.partial-<pid> folders of a preparation that was killed (its process is gone)."""
-    from ..runs import pid_alive
+    import re
+
+    from ..runs import remove_leftovers
 
     parent, name = os.path.split(out)
-    for entry in os.listdir(parent or "."):
-        pid = entry.removeprefix(f"{name}.partial-")
-        if entry.startswith(f"{name}.partial-") and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    remove_leftovers(parent or ".", re.escape(name) + r"\.partial-(?P<pid>\d+)")
 
 
 class ResumableBatchSampler(Sampler):

@@ -32,7 +32,7 @@ def loading_rate(folder: str, seq_len: int, micro_batch: int, batches: int) -> f
 def check(cfg: DictConfig) -> str:
     """Everything about the request that can be checked before any work (UsageError naming the key or
     file); returns the output folder."""
-    from ..cli import UsageError
+    from ..cli import UsageError, unwritable
     from .corpus import check_text_file, expand_files
 
     out = os.path.abspath(str(cfg.out))
@@ -53,10 +53,7 @@ def check(cfg: DictConfig) -> str:
                 check_text_file(path)
         except (OSError, TypeError, ValueError) as e:
             raise UsageError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
-    probe = os.path.dirname(out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK):
+    if probe := unwritable(os.path.dirname(out)):
         raise UsageError(f"out: cannot write into {probe} (read-only or no permission)")
     return out
 

@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from ..cli import UsageError
+from ..cli import UsageError, unwritable
 from ..runs import SUMMARY, read_summary, write_json_atomic
 from .tasks import LOCAL_TASKS, PAPER_TASKS
 
@@ -187,11 +187,8 @@ def evaluation_target(cfg) -> tuple[str, str, str | None]:
                              "the results")
         resolved = os.path.join(run_dir_of(ckpt) or run_dir, "config_resolved.yaml")
     run_dir = os.path.abspath(str(run_dir))
-    probe = run_dir
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK) or (os.path.exists(os.path.join(run_dir, SUMMARY))
-                                         and not os.access(os.path.join(run_dir, SUMMARY), os.R_OK)):
+    if unwritable(run_dir) or (os.path.exists(os.path.join(run_dir, SUMMARY))
+                               and not os.access(os.path.join(run_dir, SUMMARY), os.R_OK)):
         raise UsageError(f"out: cannot write the results into {run_dir} (read-only or no permission); give "
                          "out=<a writable folder>")
     if cfg.eval.suite == "local" and not os.path.isfile(resolved):

@@ -7,6 +7,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -77,13 +78,9 @@ def _swap_in(stage: str, out_dir: str) -> None:
 
 def _remove_stale_stages(out_dir: str) -> None:
     """Staging folders of a report build that was killed (its process is gone)."""
-    from ..runs import pid_alive
+    from ..runs import remove_leftovers
 
-    for entry in os.listdir(out_dir):
-        for prefix in (STAGE, OLD):
-            pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
-            if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+    remove_leftovers(out_dir, rf"({re.escape(STAGE)}|{re.escape(OLD)})(?P<pid>\d+)-.*")
 
 
 def _build(col, roots: list[str], out_dir: str, bench_globs, notes) -> dict:
