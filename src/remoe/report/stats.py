@@ -135,8 +135,8 @@ class Comparison:
         p = self.p if p_adjusted is None else p_adjusted
         ps = f"p={self.p:.3g}" + (f", Holm-adjusted over {family} tests p={p:.3g}" if family > 1 else "")
         detail = f"difference {self.diff:+.4f}, {self.test}, {ps}"
-        if self.mde is not None:
-            detail += f"; MDE {self.mde:.4f} at {POWER:.0%} power"
+        if (m := self.mde) is not None:  # a root-find: once per verdict
+            detail += f"; MDE {m:.4f} at {POWER:.0%} power"
         if paper_effect is not None and self.sd is not None:
             need = seeds_needed(paper_effect, self.sd if self.paired else self.sd * math.sqrt(2),
                                 alpha=P / family)
