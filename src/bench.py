@@ -2,7 +2,7 @@
 
   python src/bench.py model --size tiny --precision bf16           # Table 7 layout: train/infer TFLOPS, MFU
   python src/bench.py layer --E 8 64 128 --G 1 8 --precision fp32 bf16   # MoE layer vs dense (vs Mixtral)
-  python src/bench.py gpu                                          # the GPU suite (remoe/bench/gpu.py)
+  python src/bench.py gpu                                          # the GPU suite, <= 8 min (remoe/bench/gpu.py)
   python src/bench.py step --config "size=small model=topk"        # step profile; Lightning vs a bare loop
 """
 
@@ -97,14 +97,19 @@ def main() -> None:
     la.add_argument("--device", default="cpu")
     la.add_argument("--reps", type=positive, default=10)
     la.add_argument("--out", default="bench_layer.json")
-    g = sub.add_parser("gpu", help="grouped-GEMM check + 182m throughput at E=8, 64 (G=1, 8) on one GPU")
+    g = sub.add_parser("gpu", help="the GPU suite: checks, host syncs, 182m throughput at the paper's batch with "
+                                    "HF peers and profiles, E=64, compiled (remoe/bench/gpu.py)")
     g.add_argument("--device", default="cuda")
     g.add_argument("--size", default="182m")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     g.add_argument("--batch", type=positive, default=4)
     g.add_argument("--seq", type=positive, default=None)
     g.add_argument("--reps", type=positive, default=3)
-    g.add_argument("--configs", nargs="+", default=["8:1:1", "64:1:1", "64:1:8"], help="E:k:G to time")
+    g.add_argument("--configs", nargs="+", default=["8:1:1"], help="E:k:G to time in the base part")
+    g.add_argument("--parts", nargs="+", choices=["checks", "syncs", "paper", "base", "e64", "compiled"],
+                   default=["checks", "syncs", "paper", "base", "e64", "compiled"], help="parts to run, in order")
+    g.add_argument("--paper-batch", type=positive, default=16, help="micro-batch of the paper parts")
+    g.add_argument("--paper-vocab", type=positive, default=50257, help="vocabulary of the paper parts (GPT-2)")
     g.add_argument("--checks", nargs="+", default=["8:1:1", "8:2:1", "64:1:8"], help="E:k:G to check")
     g.add_argument("--out", default=None, help="default: reports/bench/gpu_<device name>.json")
     st = sub.add_parser("step", help="where a training step's time goes; Lightning vs a bare loop (same process)")
@@ -146,7 +151,8 @@ def main() -> None:
         except ValueError as e:
             raise UsageError(str(e)) from None
         res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks,
-                        on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}))
+                        on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}),
+                        parts=a.parts, paper_batch=a.paper_batch, paper_vocab=a.paper_vocab)
         out = out_path(res)
         print(table(res))
         print(f"-> {out}")

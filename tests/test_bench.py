@@ -16,6 +16,7 @@ from test_model import make_layer, naive_moe
 
 from remoe.bench.layer import bench_layer, remoe_steady_state
 from remoe.bench.model import bench_models
+from remoe.model import preset
 from remoe.cpu import MALLOC_ENV
 from remoe.model import experts as experts_mod
 from remoe.model.dispatch import group_by_expert
@@ -152,14 +153,16 @@ def test_flop_count_covers_grouped_experts_forward_and_backward():
 
 
 def test_gpu_suite_runs_its_cpu_path_and_refuses_bad_arguments(tmp_path):
-    """`bench.py gpu` is written for one CUDA GPU; the same code on CPU at tiny settings exercises the
-    grouped-GEMM check (the fast path really ran, the loop really did not), the throughput rows, the JSON
-    and the table. A bad E:k:G, or CUDA where there is none, is one line and exit code 2."""
+    """`bench.py gpu` is written for one CUDA GPU; the same code on CPU at tiny settings exercises every part:
+    the grouped-GEMM check (the fast path really ran, the loop really did not), host syncs per method (none
+    for fixed k), the paper setting with the HF peers at our widths and the profiles, the base, E=64 and
+    compiled rows, the JSON and the table. A bad E:k:G, or CUDA where there is none, is one line and exit 2."""
     out = tmp_path / "gpu.json"
     args = [sys.executable, str(ROOT / "src" / "bench.py"), "gpu"]
     p = subprocess.run([*args, "--device", "cpu", "--size", "tiny", "--batch", "2", "--seq", "32", "--reps", "1",
-                        "--configs", "4:1:2", "--checks", "4:1:1", "8:2:2", "--precision", "bf16", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                        "--configs", "4:1:2", "--checks", "4:1:1", "8:2:2", "--precision", "fp32",
+                        "--paper-batch", "2", "--paper-vocab", "300", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [(c["E"], c["k"], c["G"]) for c in res["checks"]] == [(4, 1, 1), (8, 2, 2)]
@@ -167,11 +170,29 @@ def test_gpu_suite_runs_its_cpu_path_and_refuses_bad_arguments(tmp_path):
         assert c["ok"] and c["loop_grouped_mm_calls"] == 0 and set(c["rel_err"]) == {
             "output", "grad x", "grad gates", "grad w13", "grad w2"}
         assert c["grouped_mm_calls"] > 0 and not c["fast_path_fell_back"]
-    [tp] = res["throughput"]
-    assert tp["config"] == {"experts": 4, "topk": 1, "granularity": 2}
-    assert [r["model"] for r in tp["rows"]] == ["dense", "topk", "remoe"] and tp["peak_memory_gb"] is None
-    assert "cpu" in res["environment"] and set(res["wall_s"]) == {"checks", "E4k1G2"}
+    syncs = {r["method"]: r["host_syncs"] for r in res["syncs"]}
+    assert set(syncs) == {"dense", "topk", "remoe", "hash", "ec", "auxfree"}
+    # fp32: CPU bf16 buckets group sizes on the host (dispatch.pad_groups), which no GPU runs
+    assert all(n == 0 for m, n in syncs.items() if m != "remoe") and syncs["remoe"] > 0  # exact on CPU
+    settings = {t["setting"]: t for t in res["throughput"]}
+    assert list(settings) == ["paper", "base", "e64", "compiled"]
+    assert settings["base"]["config"] == {"experts": 4, "topk": 1, "granularity": 2}
+    paper = {r["model"]: r for r in settings["paper"]["rows"]}
+    assert list(paper) == ["dense", "topk", "remoe", "hf_llama", "hf_mixtral"]
+    assert paper["hf_llama"]["params"] == paper["dense"]["params"]  # the peers have our widths
+    assert paper["hf_mixtral"]["params"] == paper["topk"]["params"]
+    padded = preset("tiny", "dense", vocab_size=300).padded_vocab_size
+    assert all(r["batch"] == 2 and r["vocab"] == padded and r["seq"] == 32 for r in paper.values())
+    assert paper["topk"]["host_syncs"] == 0 and paper["dense"]["train_vs_dense"] == 1.0
+    assert all(r["compile"] for r in settings["compiled"]["rows"])
+    assert [r["model"] for r in settings["e64"]["rows"]] == ["topk", "remoe"]
+    assert all("train_vs_dense" in r for r in settings["e64"]["rows"])
+    assert set(res["profiles"]) == {"dense", "topk", "remoe"}
+    assert all(p_["top"] and p_["wall_ms"] > 0 for p_ in res["profiles"].values())
+    assert "cpu" in res["environment"] and set(res["wall_s"]) == {"checks", "syncs", "paper", "base", "e64",
+                                                                   "compiled"}
     assert "| E | k | G | grouped_mm calls |" in p.stdout and "train TFLOPS" in p.stdout
+    assert "profile remoe:" in p.stdout and "| hf_mixtral |" in p.stdout
     for bad, why in ((["--configs", "4:x"], "is not E:k:G"), (["--device", "cuda"], "no CUDA device")):
         if why == "no CUDA device" and torch.cuda.is_available():
             continue
@@ -179,6 +200,13 @@ def test_gpu_suite_runs_its_cpu_path_and_refuses_bad_arguments(tmp_path):
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert q.returncode == 2 and why in q.stderr and len(q.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("reports"))  # nothing written on bad input
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    from remoe.bench.profile import busy_us
+
+    assert busy_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert busy_us([]) == 0
 
 
 # ---- the training step: Lightning vs the bare loop the step bench measures it against ---------------------

@@ -311,7 +311,7 @@ def test_router_state_is_in_the_checkpointed_state_dict():
 def test_topk_gates_are_unrenormalised_softmax_probs():
     layer = make_layer("topk", 8, 2, 1)
     x = torch.randn(30, 16, dtype=torch.float64)
-    gates, probs = layer.router(x)  # RouterOutput(gates, scores)
+    gates, probs = layer.router(x)[:2]  # RouterOutput(gates, scores, ...)
     p = (x @ layer.router.weight.t()).softmax(-1)
     assert torch.allclose(probs, p)
     top = torch.topk(p, 2, dim=-1)

@@ -46,9 +46,9 @@ def adamw_impl(fused: bool | str, params: list[torch.Tensor]) -> dict:
 
 def compile_blocks(model: Transformer) -> None:
     """torch.compile each transformer block in place (nn.Module.compile: parameter names, hence checkpoints and
-    exports, unchanged), as torchtitan compiles per block. An MoE block's routing has data-dependent shapes
-    (nonzero, per-expert counts): dynamo breaks the graph there and compiles attention, norms and the router
-    around it; ReLU routing's varying counts cost a few recompiles in the first steps."""
+    exports, unchanged), as torchtitan compiles per block. An MoE block's dispatch and expert stage run eager
+    (torch.compiler.disable: host-side capacity choices, and _grouped_mm's fake-tensor rule): dynamo compiles
+    attention, norms and the router around them."""
     for block in model.blocks:
         block.compile()
 
@@ -253,6 +253,8 @@ class LitLM(L.LightningModule):
                 "train/max_violation": stats.max_violation,
                 **{f"sparsity/layer_{i}": s for i, s in enumerate(stats.layer_sparsity.tolist())},
                 **self.routing.on_optimizer_step(stats, self.model)}
+        if any(m.capacity is not None for m in self.model.moe_layers()):  # bounded dispatch (moe_dispatch)
+            logs["train/pair_overflows"] = float(self.model.pair_overflows)  # forwards re-run exactly so far
         for name, value in logs.items():
             self.log(name, value, on_step=True, prog_bar=name in bar)
         if self.routing_log_interval and stats.step % self.routing_log_interval == 0:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -351,6 +352,14 @@ def build_data(cfg: DictConfig, mcfg: ModelConfig):
     return dm, replace(mcfg, vocab_size=dm.vocab_size)
 
 
+def bounded_dispatch(cfg: DictConfig) -> bool:
+    """moe_dispatch: bounded, exact, or auto = bounded where the run trains on CUDA (model.moe.PairCapacity)."""
+    mode = cfg.get("moe_dispatch", "auto")
+    accelerator = str(cfg.trainer.accelerator)
+    return mode == "bounded" or (mode == "auto" and torch.cuda.is_available()
+                                 and accelerator in ("gpu", "cuda", "auto"))
+
+
 def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
     before = read_summary(run_dir) or {}
     completed_before = before.get("status") == "completed"
@@ -395,6 +404,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
                     routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
         for layer in lit.model.moe_layers():  # the Stage I memory ceiling (experts.GroupedExperts)
             layer.experts.recompute_above = cfg.moe_recompute_above
+        lit.model.set_pair_capacity(bounded_dispatch(cfg))  # ReMoE on a GPU: no host sync per layer
         if cfg.get("compile"):
             compile_blocks(lit.model)
         if rank_zero_only.rank == 0:

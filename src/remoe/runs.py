@@ -54,7 +54,7 @@ def write_text_atomic(path: str, text: str | bytes) -> None:
 RECIPE = {"router_lr_scale": 1.0, "ffn_down_lr": "same"}
 
 # The config sections that decide what a run trains (and so its numbers); logging, evaluation, paths and
-# speed-only knobs (compile, moe_recompute_above: same losses) are not among them.
+# speed-only knobs (compile, moe_recompute_above, moe_dispatch: same losses) are not among them.
 TRAINING_KEYS = ("model", "size", "data", "optim", "experts", "topk", "granularity", "seed", "load_balancing",
                  "trainer.max_steps")
 # Leaves under TRAINING_KEYS that change when a run is checked or validated, not what it trains

@@ -42,6 +42,7 @@ class ConfigError(UsageError):
     """A bad config value; the message starts with the offending key (entry scripts: one line, exit 2)."""
 
 
+MOE_DISPATCH = ("auto", "exact", "bounded")  # model.moe.PairCapacity
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")  # an experiment name: one folder under paths.root
 
 
@@ -237,6 +238,8 @@ def validate(cfg: DictConfig) -> ModelConfig:
     mra = cfg.get("moe_recompute_above")
     if mra is not None and (isinstance(mra, bool) or not isinstance(mra, (int, float)) or not mra > 0):
         raise ConfigError(f"moe_recompute_above: a number of experts per token > 0, or null (got {mra!r})")
+    if cfg.get("moe_dispatch", "auto") not in MOE_DISPATCH:
+        raise ConfigError(f"moe_dispatch: one of {', '.join(MOE_DISPATCH)} (got {cfg.get('moe_dispatch')!r})")
     mcfg = model_config(cfg)
     routing_method(cfg, mcfg)
     if cfg.size.seq_len > mcfg.max_seq_len:

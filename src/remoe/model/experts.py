@@ -30,10 +30,10 @@ def _gmm_ok(t: torch.Tensor, kind: str) -> bool:
     return t.dtype in (torch.float32, torch.bfloat16) if t.device.type == "cpu" else t.dtype == torch.bfloat16
 
 
-def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int],
+def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor,
         trans_b: bool = False) -> torch.Tensor:
-    """Grouped a @ b: a (N, K) rows grouped by expert (counts), b (E, K, M) -> (N, M).
-    trans_b: b is (E, M, K) and b[e]^T is used."""
+    """Grouped a @ b: a (N, K) rows grouped by expert (counts, on the device), b (E, K, M) -> (N, M).
+    trans_b: b is (E, M, K) and b[e]^T is used. Rows past offs[-1] (padding) are left unwritten."""
     bt = b.transpose(-2, -1) if trans_b else b
     if _gmm_ok(a, "mm"):
         try:
@@ -42,24 +42,27 @@ def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int],
             _GMM_BROKEN.add((a.device.type, a.dtype, "mm"))
     out = a.new_empty(a.shape[0], bt.shape[-1])
     start = 0
-    for e, n in enumerate(counts):
-        if n:
+    for e, n in enumerate(counts.tolist()):  # the fallback reads the counts on the host
+        n = min(n, a.shape[0] - start)  # an overflowed bounded plan (discarded by the model) stays in bounds
+        if n > 0:
             torch.mm(a[start : start + n], bt[e], out=out[start : start + n])
             start += n
     return out
 
 
-def gmm_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per-expert a_e^T @ b_e: a (N, K), b (N, M) grouped by expert -> (E, K, M); empty experts get 0."""
+def gmm_weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-expert a_e^T @ b_e: a (N, K), b (N, M) grouped by expert -> (E, K, M); empty experts get 0.
+    Rows past offs[-1] are not read."""
     if _gmm_ok(a, "wgrad"):
         try:
             return torch._grouped_mm(a.t(), b, offs)
         except RuntimeError:
             _GMM_BROKEN.add((a.device.type, a.dtype, "wgrad"))
-    out = a.new_zeros(len(counts), a.shape[1], b.shape[1])
+    out = a.new_zeros(counts.numel(), a.shape[1], b.shape[1])
     start = 0
-    for e, n in enumerate(counts):
-        if n:
+    for e, n in enumerate(counts.tolist()):
+        n = min(n, a.shape[0] - start)
+        if n > 0:
             torch.mm(a[start : start + n].t(), b[start : start + n], out=out[e])
             start += n
     return out
@@ -72,15 +75,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _ExpertsFn(torch.autograd.Function):
     """x (T, d) -> y (T, d) through the routed pairs; differentiable in x, w13, w2 and the gates.
-    The gate multiplies whichever of the hidden h (N, f) and the output o (N, d) is narrower."""
+    The gate multiplies whichever of the hidden h (N, f) and the output o (N, d) is narrower.
+    padded: rows past the pairs are padding (token_idx T): gathered from token T-1, combined into a dump row
+    T that is cut off, so whatever the grouped GEMMs leave in them never reaches a token or a weight."""
 
     @staticmethod
-    def forward(ctx, x, w13, w2, gates, token_idx, offs, counts, cdt):
+    def forward(ctx, x, w13, w2, gates, token_idx, offs, counts, cdt, padded):
         with torch.autocast(x.device.type, enabled=False):
             f, d = w2.shape[1], w2.shape[2]
             w13c, w2c = w13.to(cdt), w2.to(cdt)
             g = gates.to(cdt)[:, None]
-            xs = x.to(cdt).index_select(0, token_idx)  # dispatch: (N, d), grouped by expert
+            gather_idx = token_idx.clamp_max(x.shape[0] - 1) if padded else token_idx
+            xs = x.to(cdt).index_select(0, gather_idx)  # dispatch: (N, d), grouped by expert
             ab = gmm(xs, w13c, offs, counts)  # (N, 2f) = [x W1 | x W3]
             silu_a = F.silu(ab[:, :f])
             h = silu_a * ab[:, f:]
@@ -91,19 +97,20 @@ class _ExpertsFn(torch.autograd.Function):
                 o_raw = gmm(h, w2c, offs, counts)
                 o = o_raw * g
                 ctx.save_for_backward(xs, ab, silu_a, h, gates, token_idx, offs, w13c, w2c, o_raw)
-            y = o.new_zeros(x.shape[0], d).index_add_(0, token_idx, o)  # combine
-        ctx.counts, ctx.dtypes = counts, (x.dtype, w13.dtype, w2.dtype)
+            y = o.new_zeros(x.shape[0] + padded, d).index_add_(0, token_idx, o)[: x.shape[0]]  # combine
+        ctx.counts, ctx.dtypes, ctx.padded = counts, (x.dtype, w13.dtype, w2.dtype), padded
         return y
 
     @staticmethod
     def backward(ctx, dy):
         xs, ab, silu_a, h, gates, token_idx, offs, w13c, w2c, *o_raw = ctx.saved_tensors
-        counts, (x_dt, w13_dt, w2_dt) = ctx.counts, ctx.dtypes
+        counts, (x_dt, w13_dt, w2_dt), padded = ctx.counts, ctx.dtypes, ctx.padded
         acc = torch.promote_types(xs.dtype, torch.float32)
         with torch.autocast(dy.device.type, enabled=False):
             f = w2c.shape[1]
             g = gates.to(xs.dtype)[:, None]
-            dyg = dy.to(xs.dtype).index_select(0, token_idx)  # (N, d)
+            gather_idx = token_idx.clamp_max(dy.shape[0] - 1) if padded else token_idx
+            dyg = dy.to(xs.dtype).index_select(0, gather_idx)  # (N, d)
             if o_raw:  # y = g * (h W2)
                 dgates = (dyg * o_raw[0]).sum(-1, dtype=acc)
                 do = dyg * g
@@ -119,8 +126,10 @@ class _ExpertsFn(torch.autograd.Function):
             torch.mul(dh, silu_a, out=dab[:, f:])
             dw13 = gmm_weight_grad(xs, dab, offs, counts)  # (E, d, 2f)
             dxs = gmm(dab, w13c, offs, counts, trans_b=True)  # (N, d)
-            dx = dxs.new_zeros(dy.shape[0], dxs.shape[1]).index_add_(0, token_idx, dxs)
-        return dx.to(x_dt), dw13.to(w13_dt), dw2.to(w2_dt), dgates.to(gates.dtype), None, None, None, None
+            dx = dxs.new_zeros(dy.shape[0] + padded, dxs.shape[1]).index_add_(0, token_idx, dxs)[: dy.shape[0]]
+            # padding rows' dgates are garbage (unwritten GEMM rows): the bounded plan's where() drops them
+        return (dx.to(x_dt), dw13.to(w13_dt), dw2.to(w2_dt), dgates.to(gates.dtype),
+                None, None, None, None, None)
 
 
 class GroupedExperts(nn.Module):
@@ -135,19 +144,20 @@ class GroupedExperts(nn.Module):
         # for backward; the numbers are the same. None: never (a run setting, not architecture).
         self.recompute_above: float | None = None
 
-    @torch.compiler.disable  # eager under torch.compile: per-expert counts are host values, and the fake-tensor
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # rule of _grouped_mm wants bf16
+    @torch.compiler.disable  # eager under torch.compile: the fake-tensor rule of _grouped_mm wants bf16
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x: (T, d) -> (T, d) = sum over each token's routed pairs of gate * expert output.
-        Only routed pairs are computed; tokens with no pair get 0."""
+        Only routed pairs are computed; tokens with no pair get 0. No host sync on the grouped-GEMM path."""
         # no routed pair: keep every weight in the graph (DDP's reducer needs a grad, of zeros, on every rank)
         if routing.token_idx.numel() == 0:
             return x.new_zeros(x.shape) + 0.0 * (self.w13.sum() + self.w2.sum()) + 0.0 * routing.weights.sum()
         cdt = _compute_dtype(x)
-        if x.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16):
+        if x.device.type == "cpu" and cdt in (torch.bfloat16, torch.float16) and not routing.padded:
             routing = pad_groups(routing)  # reuse oneDNN's per-shape kernels (dispatch.pad_groups)
         offs = torch.cumsum(routing.counts, 0, dtype=torch.int32)
-        counts = routing.counts.tolist()
-        args = (x, self.w13, self.w2, routing.weights, routing.token_idx, offs, counts, cdt)
+        if routing.padded:  # an overflowed bounded plan: keep the groups in bounds (the model re-runs it)
+            offs = offs.clamp_max(routing.token_idx.numel())
+        args = (x, self.w13, self.w2, routing.weights, routing.token_idx, offs, routing.counts, cdt, routing.padded)
         if self.recompute_above is not None and torch.is_grad_enabled() \
                 and routing.token_idx.numel() > self.recompute_above * x.shape[0]:
             return checkpoint(_ExpertsFn.apply, *args, use_reentrant=False)

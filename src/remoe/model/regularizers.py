@@ -64,12 +64,16 @@ class LambdaController:
             raise ValueError(f"alpha must be > 1, got {alpha}")
         self.target = float(target)
         self.alpha = torch.tensor(alpha, dtype=torch.float32)
-        self.lam = torch.tensor(lambda0, dtype=torch.float32)
+        self._set(torch.tensor(lambda0, dtype=torch.float32))
         self.steps = 0
+
+    def _set(self, lam: torch.Tensor) -> None:
+        self.lam = lam
+        self._value = float(lam)  # read once per update: the loss's coefficient is then a host float
 
     @property
     def value(self) -> float:
-        return float(self.lam)
+        return self._value
 
     def update(self, sparsity: float) -> float:
         """One optimizer step's update from that step's sparsity; returns the new lambda."""
@@ -79,7 +83,7 @@ class LambdaController:
         """One optimizer step's update: x alpha when the step's sparsity was below target, else / alpha."""
         was = self.value
         lam = self.lam * self.alpha if below_target else self.lam / self.alpha
-        self.lam = lam.clamp(min=LAMBDA_FLOOR)  # also lifts a stuck lambda resumed from an older checkpoint
+        self._set(lam.clamp(min=LAMBDA_FLOOR))  # also lifts a stuck lambda resumed from an older checkpoint
         self.steps += 1
         if self.value <= LAMBDA_FLOOR < was:  # arrived at the floor: once per arrival, not every step there
             log.warning("lambda reached its floor %.3g at controller step %d: the sparsity has stayed above "
@@ -93,7 +97,7 @@ class LambdaController:
         return {"lam": self.value, "alpha": float(self.alpha), "target": self.target, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lam = torch.tensor(state["lam"], dtype=torch.float32)
+        self._set(torch.tensor(state["lam"], dtype=torch.float32))
         self.alpha = torch.tensor(state["alpha"], dtype=torch.float32)
         self.target = float(state["target"])
         self.steps = int(state["steps"])

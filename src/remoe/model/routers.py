@@ -2,7 +2,9 @@
 
 Each takes the layer's tokens x (T, d) and their token ids (T,) (only hash routing reads them) and returns
 a RouterOutput: a dense (T, E) gate matrix whose zeros mean "not routed" (dispatch computes only the
-non-zero (token, expert) pairs), and the scores its method's loss needs. Routing runs in float32 (or
+non-zero (token, expert) pairs), the scores its method's loss needs, and, where the number of pairs is
+fixed by the method, which pairs it chose (the k experts of each token, or the C tokens of each expert):
+dispatch then groups them on the device with no host sync (dispatch.py). Routing runs in float32 (or
 float64 if the input is), outside autocast, so that which gates are zero does not depend on bf16 rounding.
 State a router needs at inference (the hash table, the aux-loss-free expert bias) is a persistent buffer:
 it travels in every checkpoint and export with the weights.
@@ -21,6 +23,8 @@ from torch import nn
 class RouterOutput(NamedTuple):
     gates: torch.Tensor  # (T, E): weight of each expert's output; 0 = not routed
     scores: torch.Tensor | None  # (T, E) router probabilities/affinities its method's loss or stats use
+    experts: torch.Tensor | None = None  # (T, k): each token's chosen experts (token choice, fixed k)
+    tokens: torch.Tensor | None = None  # (C, E): each expert's chosen tokens (expert choice, fixed C)
 
 
 def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -44,7 +48,7 @@ class TopKRouter(nn.Module):
         probs = _router_logits(x, self.weight).softmax(dim=-1)
         top_p, top_i = probs.topk(self.k, dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
-        return RouterOutput(gates, probs)
+        return RouterOutput(gates, probs, experts=top_i)
 
 
 class ReLURouter(nn.Module):
@@ -89,7 +93,8 @@ class HashRouter(nn.Module):
             raise ValueError("hash routing needs the token ids of the layer's tokens")
         dtype = torch.promote_types(x.dtype, torch.float32)
         gates = torch.zeros(x.shape[0], self.n_experts, dtype=dtype, device=x.device)
-        return RouterOutput(gates.scatter_(1, self.table[ids.reshape(-1)], 1.0), None)
+        chosen = self.table[ids.reshape(-1)]
+        return RouterOutput(gates.scatter_(1, chosen, 1.0), None, experts=chosen)
 
 
 def expert_capacity(tokens: int, n_experts: int, k: int, capacity_factor: float) -> int:
@@ -112,7 +117,7 @@ class ExpertChoiceRouter(nn.Module):
         probs = _router_logits(x, self.weight).softmax(dim=-1)
         C = expert_capacity(x.shape[0], probs.shape[1], self.k, self.capacity_factor)
         top_p, top_t = probs.topk(C, dim=0)  # (C, E): each expert's chosen tokens
-        return RouterOutput(torch.zeros_like(probs).scatter(0, top_t, top_p), probs)
+        return RouterOutput(torch.zeros_like(probs).scatter(0, top_t, top_p), probs, tokens=top_t)
 
 
 class AuxFreeRouter(nn.Module):
@@ -135,4 +140,4 @@ class AuxFreeRouter(nn.Module):
         g = s.gather(1, chosen)
         if self.norm_topk_prob:
             g = g / g.sum(-1, keepdim=True)
-        return RouterOutput(torch.zeros_like(s).scatter(1, chosen, g), s)
+        return RouterOutput(torch.zeros_like(s).scatter(1, chosen, g), s, experts=chosen)

@@ -9,6 +9,7 @@ from which the routing method computes its loss and the analyses read the routin
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -16,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .moe import MoELayer
+from .moe import MoELayer, PairCapacity
 from .routers import RouterOutput
 from .routing import METHODS
+
+log = logging.getLogger("remoe")
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +88,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cache(cfg)
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.pair_overflows = 0  # forwards re-run because a bounded layer overflowed (set_pair_capacity)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,6 +99,42 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
 
     def forward(self, idx: torch.Tensor) -> ModelOutput:
+        """Logits and router outputs. With bounded dispatch (set_pair_capacity), every bounded layer's pair
+        count is read in one host sync after the blocks; if any exceeded its capacity, the forward runs
+        again with the exact plan (routing statistics of the discarded pass undone): no pair is dropped."""
+        bounded = [m for m in self.moe_layers() if m.capacity is not None]
+        if not bounded:
+            return self._forward(idx)
+        saved = [(m.routed_counts.clone(), m.tokens_seen.clone()) for m in bounded] if self.training else None
+        out = self._forward(idx)
+        if all(m.pairs is None for m in bounded):  # fixed-k routing: nothing to check
+            return out
+        tokens = idx.numel()
+        pairs = torch.stack([m.pairs for m in bounded]).tolist()  # the forward's one host sync
+        over = [m.capacity.observe(n, tokens, m.rows_used) for m, n in zip(bounded, pairs)]
+        if not any(over):
+            return out
+        self.pair_overflows += 1
+        log.info("bounded dispatch: layers %s overflowed their capacity; forward re-run exactly (%d so far)",
+                 [i for i, o in enumerate(over) if o], self.pair_overflows)
+        for m, (counts, seen) in zip(bounded, saved or []):
+            m.routed_counts.copy_(counts)
+            m.tokens_seen.copy_(seen)
+        for m in bounded:
+            m.capacity.exact_next = True
+        out = self._forward(idx)
+        for m, n in zip(bounded, torch.stack([m.pairs for m in bounded]).tolist()):
+            m.capacity.observe(n, tokens, None)
+        return out
+
+    def set_pair_capacity(self, on: bool, headroom: float = 0.125) -> None:
+        """Bounded dispatch for variable-count routing (ReMoE): no host sync inside the layers (one per forward,
+        here). Fixed-k routing never syncs and is unaffected; the numbers are the same either way."""
+        for m in self.moe_layers():
+            m.capacity = PairCapacity(self.cfg.n_experts, headroom) if on else None
+            m.pairs = m.rows_used = None
+
+    def _forward(self, idx: torch.Tensor) -> ModelOutput:
         S = idx.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
