@@ -245,7 +245,9 @@ def validate(cfg: DictConfig) -> ModelConfig:
     if cfg.size.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"size.seq_len: {cfg.size.seq_len} exceeds the model context {mcfg.max_seq_len}")
     batch_split(cfg)
-    if cfg.data.source not in ("stdlib", "text_files", "hf", "prepared"):
+    from .data.datamodule import SOURCES  # the data stack loads only when a config is checked
+
+    if cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
     if cfg.data.source == "prepared":
         check_prepared(cfg)

@@ -1,6 +1,6 @@
 """One LightningDataModule for every corpus: documents -> tokens -> packed fixed-length sequences.
 
-Map-style sources (`stdlib`, `text_files`) are tokenized and packed with `datasets.map` once and cached
+Map-style sources (`stdlib`, `packages`, `text_files`) are tokenized and packed with `datasets.map` once and cached
 on disk under a key of (corpus, tokenizer, seq_len, split); hub corpora (`hf`, e.g. The Pile) stream
 through the same tokenize/pack functions with `datasets`' IterableDataset. Each sequence holds seq_len+1
 tokens of ONE domain (inputs = [:-1], targets = [1:]), so routing can be analysed per domain.
@@ -28,9 +28,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
 from .corpus import expand_files, fingerprint, is_validation, stdlib_documents
+from .packages import package_documents
 from .tokenizer import cached_bpe, eos_id, load_tokenizer
 
-SOURCES = ("stdlib", "text_files", "hf", "prepared")
+SOURCES = ("stdlib", "packages", "text_files", "hf", "prepared")
 PREPARED = "prepared.json"  # what a prepared folder holds (prepare_to); read before any data is built
 
 
@@ -182,6 +183,8 @@ class LMDataModule(L.LightningDataModule):
     def documents(self) -> Dataset:
         if self.source == "stdlib":
             return Dataset.from_list(list(stdlib_documents(self.max_chars)))
+        if self.source == "packages":
+            return package_documents(self.cache_dir)
         if self.source == "text_files":
             rows = []
             for path in expand_files(self.files or []):

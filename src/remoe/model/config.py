@@ -36,6 +36,10 @@ class ModelConfig:
     rope_base: float = 1e6
     norm_eps: float = 1e-5
     init_std: float = 0.01
+    # The official (Megatron) code's output-layer init: every block's output projections -- attention's wo
+    # and each FFN's / expert's W2 -- at init_std / sqrt(2 n_layer), the rest at init_std. False: every
+    # weight at init_std (the paper's one sentence; this code's init before the powered study).
+    scaled_output_init: bool = True
     # The FFN: "dense" or the name of a routing method (routing.METHODS) whose router feeds E*G experts
     routing: str = "dense"
     experts: int = 8

@@ -2,14 +2,16 @@
 
 Pre-norm blocks: RMSNorm -> causal GQA attention with RoPE -> residual; RMSNorm -> FFN -> residual.
 The FFN is built by the config's routing method: a SwiGLU (dense, optionally ffn_mult x wider) or an
-MoELayer with the method's router. No biases, no dropout, untied embedding and head, every weight
-initialised N(0, init_std). The forward returns the logits and every MoE layer's router output (gates),
+MoELayer with the method's router. No biases, no dropout, untied embedding and head, weights initialised
+N(0, init_std) except each block's output projections (attention wo, FFN/expert W2) at init_std/sqrt(2 L)
+as the official Megatron code does (scaled_output_init; off: all at init_std). The forward returns the logits and every MoE layer's router output (gates),
 from which the routing method computes its loss and the analyses read the routing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 import torch
@@ -91,10 +93,15 @@ class Transformer(nn.Module):
         self.pair_overflows = 0  # forwards re-run because a bounded layer overflowed (set_pair_capacity)
         self.reset_parameters()
 
+    OUTPUT_PROJECTIONS = (".attn.wo.", ".ffn.w2.", ".ffn.experts.w2")  # what scaled_output_init scales
+
     def reset_parameters(self) -> None:
+        out_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if "norm" in name:
                 nn.init.ones_(p)
+            elif self.cfg.scaled_output_init and any(k in f".{name}" for k in self.OUTPUT_PROJECTIONS):
+                nn.init.normal_(p, mean=0.0, std=out_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
 
