@@ -1,4 +1,7 @@
-"""Regenerate tables and figures from stored runs: `python src/report.py [--runs DIR ...] [--out reports]`.
+"""Tables and figures from stored runs: `python src/report.py [--runs DIR ...] [--out outputs/report]`.
+
+A folder holding a report made from other runs is never replaced without --force (its report.json says
+which runs it was made from; the same runs, or the same plus new ones, may update it).
 
 `python src/report.py --keep-records SRC DEST` copies the compact record of every completed run under SRC
 (summary, resolved config, metrics, routing logs; no checkpoints) to DEST, e.g. reports/runs."""
@@ -14,14 +17,14 @@ from remoe.report import build_report
 def main() -> None:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--runs", nargs="+", default=["outputs"], help="run roots (single runs, multirun folders)")
-    p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--out", default=os.path.join("outputs", "report"), help="output folder")
     p.add_argument("--bench", nargs="*", default=None,
                    help="bench JSON files/globs (default: bench*.json under the roots)")
     p.add_argument("--notes", default=None, help="a Markdown file whose text heads the index")
     p.add_argument("--keep-records", nargs=2, metavar=("SRC", "DEST"), default=None,
                    help="copy completed runs' compact records from SRC to DEST (existing ones are kept), then stop")
     p.add_argument("--force", action="store_true",
-                   help="write the report even when no run is usable (replacing an existing one)")
+                   help="replace the report in --out even if it was made from other runs, or no run is usable")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if a.keep_records:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from remoe.cli import RunFailed, fail, first_line, guard
 from remoe.console import quiet_third_party
 from remoe.pipeline import run
-from remoe.settings import ConfigError, register_resolvers
+from remoe.settings import ConfigError, register_resolvers, run_mode_defaults
 
 register_resolvers()
 quiet_third_party()
@@ -28,6 +28,7 @@ quiet_third_party()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
+    run_mode_defaults(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
     try:
         summary = run(cfg, run_dir=run_dir)
     except ConfigError as e:  # inside a -m grid too: it stops the grid at once

@@ -286,3 +286,38 @@ def test_routing_log_file(train):
         assert len(x["counts"]) == 2 and len(x["counts"][0]) == 8
         nnz = sum(map(sum, x["counts"]))
         assert x["sparsity"] == pytest.approx(1 - nnz / (sum(x["tokens"]) * 8))
+
+
+def test_rerunning_a_plain_grid_skips_its_completed_points(tiny_sweep, cache_dir):
+    """Issue 42: `train.py -m ...` lands in a folder derived from the experiment name and the overrides, so the
+    same command finds its points again: completed ones are skipped (nothing retrained or rewritten), and the
+    grid says how many points it has, its time estimate, and each point started/finished."""
+    import subprocess
+    import sys
+
+    summaries_before = {p: os.path.getmtime(p) for p in summaries(tiny_sweep)}
+    assert len(summaries_before) == 6
+    grid = {Path(p).parent.parent for p in summaries_before}
+    assert len(grid) == 1 and grid.pop().parent.name == "tiny_sweep"  # multirun/<name>/<grid>/<point>
+    env = {**os.environ, "REMOE_OUTPUT": str(tiny_sweep), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "-m", "model=dense,topk,remoe", "seed=1,2",
+                        "eval.n_docs=30", "name=tiny_sweep", "analysis.flip_interval=2", *FAST], cwd=tiny_sweep,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {p_: os.path.getmtime(p_) for p_ in summaries(tiny_sweep)} == summaries_before  # nothing retrained
+    lines = [line for line in p.stderr.splitlines() if line.startswith("grid: ")]
+    assert lines[0].startswith("grid: 6 points -> ") and "about " in lines[0]
+    assert sum(" started " in line for line in lines) == 6 and sum(" finished " in line for line in lines) == 6
+    assert (p.stdout + p.stderr).count("is already complete") == 6  # the job log (stdout)
+
+
+def test_grid_points_and_folder_follow_the_command():
+    from remoe.hydra_callbacks import grid_points
+    from remoe.settings import grid_slug
+
+    assert grid_points(["model=remoe", "experts=4,16", "seed=range(1,3)"]) == [
+        ["model=remoe", "experts=4", "seed=1"], ["model=remoe", "experts=4", "seed=2"],
+        ["model=remoe", "experts=16", "seed=1"], ["model=remoe", "experts=16", "seed=2"]]
+    assert grid_slug(["model=remoe", "experts=4,16,64,128"]) == "experts-4,16,64,128__model-remoe"
+    assert grid_slug(["experts=4,16", "model=remoe", "resume=false", "name=x"]) == grid_slug(["model=remoe",
+                                                                                            "experts=4,16"])

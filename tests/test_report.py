@@ -2,6 +2,7 @@
 name, output is byte-identical across invocations, and a multirun regenerates its report by itself."""
 
 import glob
+import json
 import logging
 import shutil
 import statistics
@@ -284,8 +285,47 @@ def test_committed_report_regenerates_from_committed_records(tmp_path, where):
     assert runs and all(r[1] == ("dense×8" if "dense8" in r[0] else "dense") for r in runs)  # Runs table too
     made = {f.relative_to(out) for f in out.rglob("*") if f.is_file()}
     committed = {f.relative_to(ROOT / where) for d in ("tables", "figures")
-                 for f in (ROOT / where / d).rglob("*") if f.is_file()} | {Path("README.md")}
+                 for f in (ROOT / where / d).rglob("*") if f.is_file()} | {Path("README.md"), Path("report.json")}
     assert made == committed
     for f in sorted(made):
         if f.suffix != ".png":  # figures: same names; PNG bytes follow the matplotlib build
             assert (out / f).read_bytes() == (ROOT / where / f).read_bytes(), f
+
+
+def test_a_report_of_other_runs_is_never_replaced_without_force(tiny_sweep, tmp_path):
+    """Issue 42: `report.py --runs outputs --out reports` replaced the committed report. A folder holding a
+    report made from other runs, or an index that does not say which runs it came from, is refused (one line,
+    exit 2, nothing written); the same runs, or those plus new ones, update it; --force replaces it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from remoe.report.build import ReportClobber
+
+    a, b = tmp_path / "a", tmp_path / "b"  # two run roots: b holds some of a's runs only, under other names
+    shutil.copytree(tiny_sweep, a)
+    b.mkdir()
+    for d in sorted(p.parent for p in a.rglob("summary.json"))[:2]:
+        shutil.copytree(d, b / ("other_" + d.name))
+    out = tmp_path / "rep"
+    build_report([str(a)], str(out))
+    made = json.loads((out / "report.json").read_text())["runs"]
+    assert len(made) == 6 and all(not r.startswith("/") for r in made)  # relative to the root: portable
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    with pytest.raises(ReportClobber, match="report of other runs"):
+        build_report([str(b)], str(out))
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # nothing written
+    p = subprocess.run([sys.executable, "src/report.py", "--runs", str(b), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--force" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    build_report([str(a), str(b)], str(out))  # the same runs plus new ones: an update
+    build_report([str(b)], str(out), force=True)
+    assert len(json.loads((out / "report.json").read_text())["runs"]) == 2
+    hand = tmp_path / "hand"  # an index nobody recorded the runs of
+    hand.mkdir()
+    (hand / "README.md").write_text("my notes\n")
+    with pytest.raises(ReportClobber, match="does not say which runs"):
+        build_report([str(a)], str(hand))
+    assert (hand / "README.md").read_text() == "my notes\n"

@@ -74,8 +74,10 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     validate(cfg)
-    overrides = list(HydraConfig.get().overrides.task)
-    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *overrides, f'hydra.run.dir="{run_dir}"']
+    overrides = [o for o in HydraConfig.get().overrides.task  # the grid's resume rule travels to the child
+                 if o.lstrip("+~").split("=")[0] not in ("resume", "skip_completed")]
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *overrides, f'hydra.run.dir="{run_dir}"',
+           f"resume={str(bool(cfg.get('resume'))).lower()}"]
     log.info("multirun + DDP: running this grid point as %s", " ".join(cmd))
     proc = subprocess.run(cmd)
     summary = read_summary(run_dir) or {}

@@ -54,9 +54,40 @@ def slug(overrides: str | None) -> str:
     return s
 
 
+GRID_EXCLUDED = ("sweep", "resume", "skip_completed", "report_on_multirun_end", "name", "logger", "eval",
+                 "paths.root", "trainer.enable_progress_bar", "hydra.verbose")  # as hydra.job override_dirname
+
+
+def grid_slug(task_overrides=None) -> str:
+    """Folder name of a -m grid from its command-line overrides (sweeps included; default: this process's
+    command line, as Hydra's own sweep-dir resolution has no ${hydra:} access yet): the same command lands
+    in the same folder, so rerunning it skips completed points and resumes cut ones."""
+    import sys
+
+    if task_overrides is None:
+        task_overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    items = []
+    for o in task_overrides:
+        key, _, value = str(o).lstrip("+~").partition("=")
+        if key not in GRID_EXCLUDED and not key.startswith("hydra."):
+            items.append(f"{key}-{value}")
+    return slug("__".join(sorted(items)))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("remoe_slug"):
         OmegaConf.register_new_resolver("remoe_slug", slug)
+    if not OmegaConf.has_resolver("remoe_grid"):
+        OmegaConf.register_new_resolver("remoe_grid", grid_slug)
+
+
+def run_mode_defaults(cfg: DictConfig, multirun: bool) -> None:
+    """resume / skip_completed left at null: true in a -m grid (rerunning the command skips completed points
+    and resumes cut ones), false for a single run."""
+    with open_dict(cfg):
+        for key in ("resume", "skip_completed"):
+            if cfg.get(key) is None:
+                cfg[key] = multirun
 
 
 def _key(cfg: DictConfig, field: str) -> str:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 
 from . import figures, tables
+from ..cli import UsageError
 from ..runs import RECIPE, RunSummary
 from .collect import collect, short_path
 from .provenance import provenance
@@ -38,19 +39,61 @@ CAPTIONS = {  # what a table's columns mean, where the title does not say it
 }
 
 
+class ReportClobber(UsageError):
+    """The output folder holds a report this build would destroy: not one made from these runs."""
+
+
+def run_ids(roots: list[str], run_dirs) -> list[str]:
+    """Each run as its folder relative to the root it was found under: what a report was made from,
+    independent of where the roots lie."""
+    ids = []
+    for d in run_dirs:
+        root = next((r for r in roots if os.path.abspath(d).startswith(os.path.abspath(r) + os.sep)), None)
+        ids.append(os.path.relpath(d, root) if root else os.path.basename(os.path.normpath(d)))
+    return sorted(set(ids))
+
+
+def check_clobber(out_dir: str, ids: list[str]) -> None:
+    """Refuse (ReportClobber) to replace a report that was not made from these runs: one whose record
+    (MADE_FROM) lists a run that is not among them, or an index with no record (made by hand, or by a
+    version before the record). The same runs, or the same plus new ones (a sweep that went on), pass."""
+    index, record = os.path.join(out_dir, "README.md"), os.path.join(out_dir, MADE_FROM)
+    if not os.path.exists(index) and not os.path.exists(record):
+        return
+    try:
+        with open(record) as f:
+            before = json.load(f)["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ReportClobber(f"--out: {out_dir} holds a report that does not say which runs it was made from "
+                            f"(no readable {MADE_FROM}); write elsewhere (e.g. --out outputs/report) or pass "
+                            "--force to replace it") from None
+    lost = sorted(set(before) - set(ids))
+    if lost:
+        raise ReportClobber(f"--out: {out_dir} holds the report of other runs ({len(lost)} of its {len(before)} "
+                            f"runs are not under --runs, e.g. {lost[0]}); write elsewhere (e.g. --out "
+                            "outputs/report) or pass --force to replace it")
+
+
 def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[str] | None = None,
                  notes: str | None = None, force: bool = False) -> dict | None:
     """Returns what was made, or None (writing nothing) when no run is usable and `out_dir` already holds
-    a report, unless `force`: a typo in --runs must not replace a report with an empty one."""
+    a report, unless `force`: a typo in --runs must not replace a report with an empty one. Raises
+    ReportClobber (writing nothing) when `out_dir` holds a report not made from these runs, unless `force`."""
     col = collect(roots)
     df = col.runs
     if not len(df) and not force and os.path.exists(os.path.join(out_dir, "README.md")):
         return None
+    ids = run_ids(roots, df["run_dir"] if len(df) else [])
+    if not force:
+        check_clobber(out_dir, ids)
     os.makedirs(out_dir, exist_ok=True)
     _remove_stale_stages(out_dir)
     final, out_dir = out_dir, tempfile.mkdtemp(prefix=f"{STAGE}{os.getpid()}-", dir=out_dir)
     try:
         made = _build(col, roots, out_dir, bench_globs, notes)
+        with open(os.path.join(out_dir, MADE_FROM), "w") as f:
+            json.dump({"made_by": "src/report.py", "runs": ids}, f, indent=1)
+            f.write("\n")
         _swap_in(out_dir, final)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -58,7 +101,8 @@ def build_report(roots: list[str], out_dir: str = "reports", bench_globs: list[s
 
 
 STAGE, OLD = ".report-partial-", ".report-old-"  # build.py's own folders inside the output folder
-OUTPUTS = ("tables", "figures", "README.md")  # what a report owns in its folder; README.md (the index) last
+MADE_FROM = "report.json"  # which runs a report was made from (check_clobber)
+OUTPUTS = ("tables", "figures", MADE_FROM, "README.md")  # what a report owns in its folder; the index last
 
 
 def _swap_in(stage: str, out_dir: str) -> None:
