@@ -329,3 +329,42 @@ def test_a_report_of_other_runs_is_never_replaced_without_force(tiny_sweep, tmp_
     with pytest.raises(ReportClobber, match="does not say which runs"):
         build_report([str(a)], str(hand))
     assert (hand / "README.md").read_text() == "my notes\n"
+
+
+def test_figures_name_their_runs_with_integer_layer_and_expert_ticks(tmp_path, monkeypatch):
+    """Issue 42/43: each figure says which run(s) and setting it shows, layers and experts sit on integer ticks
+    (read back from the figures as saved), and legends lie beside the axes, not over the data."""
+    from conftest import ROOT
+
+    from remoe.report import figures
+
+    saved = {}
+    real_save = figures._save
+
+    def keep(fig, out_dir, name):
+        fig.canvas.draw()
+        axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+        saved[name] = {
+            "titles": [a.get_title() for a in axes] + [fig._suptitle.get_text() if fig._suptitle else ""],
+            "xticks": [list(a.get_xticks()) for a in axes], "yticks": [list(a.get_yticks()) for a in axes],
+            "xlabels": [[t.get_text() for t in a.get_xticklabels()] for a in axes],
+            "legend_outside": [a.get_legend().get_window_extent().x0 >= a.get_window_extent().x1
+                               for a in axes if a.get_legend()]}
+        return real_save(fig, out_dir, name)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    build_report([str(ROOT / "reports" / "runs")], str(tmp_path / "rep"))
+    assert {"fig_heatmap_remoe", "fig_heatmap_topk", "fig_domain_remoe", "fig_layer_sparsity",
+            "fig_remoe_stages", "fig_scaling_experts", "fig_val_curves"} <= set(saved)
+    for name, f in saved.items():
+        assert any(t.strip() for t in f["titles"]), name  # every figure says what it shows
+        assert all(f["legend_outside"]), name
+    for name in ("fig_heatmap_remoe", "fig_heatmap_topk", "fig_remoe_stages", "fig_domain_remoe"):
+        title = " ".join(saved[name]["titles"])
+        assert "E=8 k=1 G=1" in title and "4,000 steps" in title and "seed 1" in title, (name, title)
+    heat = saved["fig_heatmap_remoe"]
+    assert heat["xticks"][0] == list(range(8)) and heat["yticks"][0] == [0, 1]  # experts 0-7, layers 0-1
+    dom = saved["fig_domain_remoe"]
+    assert dom["xticks"][0] == list(range(8)) and dom["xlabels"][0] == [str(e) for e in range(8)]
+    assert saved["fig_layer_sparsity"]["xticks"][0] == [0, 1]
+    assert saved["fig_scaling_experts"]["xlabels"][0] == ["4", "8", "16", "32"]

@@ -31,6 +31,10 @@ TITLES = {
     "memorisation": "Memorisation: validation − training loss at the end of each pass over the corpus",
     "throughput": "Throughput (paper Table 7 layout)",
 }
+COLUMNS = ("Columns: `source` ours (scale, training tokens) or the paper's row; `n` runs pooled (seeds); `val_loss` "
+           "validation loss, mean ± sd over the seeds; task columns: downstream accuracy in % (Cloze, Choice: the "
+           "offline local suite; ARC-c … RACE: the paper's lm-eval tasks); `Avg.` the mean of the row's task "
+           "accuracies (× 100); – not measured.")
 CAPTIONS = {  # what a table's columns mean, where the title does not say it
     "memorisation": "Each `pass k` column: the validation loss at the last validation of pass k minus the mean "
                     "training loss of the pass's last 50 steps (`pass_steps`: optimizer steps per pass). Pass 1 "
@@ -210,6 +214,38 @@ def bench_files(roots: list[str], patterns: list[str] | None) -> list[str]:
     return sorted(found)
 
 
+def run_setting(r) -> str:
+    """One run as a figure names it: method, E, k, G, steps, seed."""
+    num = lambda v: "–" if v is None or v != v else f"{v:.0f}"  # noqa: E731
+    steps = r.get("steps")
+    return (f"{r['model']}, E={num(r.get('experts'))} k={num(r.get('topk'))} G={num(r.get('granularity'))}, "
+            f"{'?' if steps is None or steps != steps else f'{steps:,.0f}'} steps, seed {num(r.get('seed'))}")
+
+
+# One line under each figure in the index (by file name; heatmaps of other methods use fig_heatmap_)
+FIGURE_CAPTIONS = {
+    "fig_scaling_size": "Validation loss against model size; TopK and ReMoE at k=1, mean ± sd over seeds.",
+    "fig_scaling_experts": "Validation loss against the number of experts E (paper Fig. 6b); dashed: dense.",
+    "fig_scaling_granularity": "Validation loss against granularity G (paper Fig. 6c); dashed: dense.",
+    "fig_remoe_stages": "One ReMoE run's sparsity, λ, LM loss and weighted regulariser by step: Stages I–III "
+                        "(paper Fig. 3).",
+    "fig_heatmap_": "Share of each layer's routed tokens per expert in one run (paper Fig. 7); × marks an "
+                    "expert that gets almost nothing.",
+    "fig_domain_": "Share of routed tokens per expert, by domain of the text (code / prose), summed over layers "
+                   "(paper Fig. 8).",
+    "fig_layer_sparsity": "ReMoE's sparsity per layer on held-out text: which layers route fewer tokens.",
+    "fig_active_vs_frequency": "Experts a token activates against how often the token occurs (paper Fig. 9).",
+    "fig_flip_rate": "Share of routing decisions that change between probes of the same batch (stability).",
+    "fig_val_curves": "Validation loss during training, each method's standard setting, one line per seed.",
+}
+
+
+def figure_caption(path: str) -> str:
+    name = os.path.splitext(os.path.basename(path))[0]
+    return next((c for k, c in FIGURE_CAPTIONS.items() if name == k or (k.endswith("_") and name.startswith(k))),
+                "")
+
+
 def _figures(df, fig_dir: str) -> list[str]:
     """The paper's figures from the runs' records. Each method's standard setting only (sweep runs such
     as lambda0=1 are not drawn under a bare method name); E, G and the seed label every line."""
@@ -227,17 +263,19 @@ def _figures(df, fig_dir: str) -> list[str]:
     std_topk = first(moe[(moe["model"] == "topk") & (moe["experts"] == 8)]) if len(moe) else None
     candidates = [figures.scaling_plot(df, a, fig_dir) for a in ("size", "experts", "granularity")]
     if std_remoe is not None:
-        candidates += [figures.stages_plot(std_remoe["run_dir"], fig_dir, "fig_remoe_stages"),
-                       figures.routing_heatmap(std_remoe["run_dir"], fig_dir, "fig_heatmap_remoe"),
-                       figures.domain_plot(std_remoe["run_dir"], fig_dir, "fig_domain_remoe")]
+        s = run_setting(std_remoe)
+        candidates += [figures.stages_plot(std_remoe["run_dir"], fig_dir, "fig_remoe_stages", s),
+                       figures.routing_heatmap(std_remoe["run_dir"], fig_dir, "fig_heatmap_remoe", s),
+                       figures.domain_plot(std_remoe["run_dir"], fig_dir, "fig_domain_remoe", s)]
     if std_topk is not None:
-        candidates += [figures.routing_heatmap(std_topk["run_dir"], fig_dir, "fig_heatmap_topk"),
-                       figures.domain_plot(std_topk["run_dir"], fig_dir, "fig_domain_topk")]
+        s = run_setting(std_topk)
+        candidates += [figures.routing_heatmap(std_topk["run_dir"], fig_dir, "fig_heatmap_topk", s),
+                       figures.domain_plot(std_topk["run_dir"], fig_dir, "fig_domain_topk", s)]
     others = df[tables.standard_moe(df) & ~df["model"].isin(["topk", "remoe"])]
     for model, runs in others.groupby("model", sort=True):  # the other routing methods' load heatmaps
         at_e8 = runs[(runs["experts"] == 8) & (runs["granularity"] == 1)]
-        candidates.append(figures.routing_heatmap((at_e8 if len(at_e8) else runs).iloc[0]["run_dir"], fig_dir,
-                                                  f"fig_heatmap_{model}"))
+        row = (at_e8 if len(at_e8) else runs).iloc[0]
+        candidates.append(figures.routing_heatmap(row["run_dir"], fig_dir, f"fig_heatmap_{model}", run_setting(row)))
     per_e = [r for _, r in moe.drop_duplicates(["model", "experts", "granularity"]).iterrows()]
     candidates += [
         figures.layer_sparsity_plot([(label(r), r["run_dir"]) for _, r in remoe.drop_duplicates(
@@ -277,6 +315,7 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
     lines += ["## Tables", ""]
     for name, t in made_tables.items():
         lines += [f"### {TITLES[name]}", "", *([CAPTIONS[name], ""] if name in CAPTIONS else []),
+                  *([COLUMNS, ""] if "val_loss" in t.columns else []),
                   f"[md](tables/{name}.md) · [tex](tables/{name}.tex) · [csv](tables/{name}.csv)", "",
                   tables.to_markdown(t),
                   provenance(df, t.attrs.get("runs", [])), ""]
@@ -285,7 +324,7 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
     lines += ["## Figures", ""]
     for p in made_figs:
         rel = os.path.relpath(p, out_dir)
-        lines += [f"![{os.path.basename(p)}]({rel})", ""]
+        lines += [f"![{os.path.basename(p)}]({rel})", "", *([f"*{figure_caption(p)}*", ""] if figure_caption(p) else [])]
     lines += ["## Runs", "", "Each run's model, for Hugging Face transformers (README: Share a model; checkpoints are "
               "not part of the committed records): `python src/export.py checkpoint=<run>/checkpoints/last.ckpt "
               "out=<folder>`.", "",
