@@ -131,6 +131,11 @@ def test_load_hf_gives_the_weights_back_bit_for_bit(runs, exported):
     assert (exported["remoe"] / "training_config.yaml").exists() and (
         exported["dense"] / "generation_config.json"
     ).exists()
+    mask = os.umask(0)  # issue 42: as readable as the user's umask says (was 0700/0600 from a temp folder)
+    os.umask(mask)
+    for folder in exported.values():
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+        assert all(f.stat().st_mode & 0o777 == 0o666 & ~mask for f in folder.rglob("*") if f.is_file())
 
 
 def test_sharding_follows_max_shard_size(runs, tmp_path):

@@ -144,3 +144,27 @@ class FaultCheckpoint(L.Callback):
                 trainer.save_checkpoint(os.path.join(self.ckpt_dir, "last.ckpt"))
         elif isinstance(exception, NonFiniteError):
             trainer.save_checkpoint(os.path.join(self.ckpt_dir, f"nonfinite-step{trainer.global_step}.ckpt"))
+
+
+class _WithoutVersion:
+    """Lightning's progress bar shows the logger's version as `v_num`: meaningless here (one run, one folder)."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+class RichBar(_WithoutVersion, L.pytorch.callbacks.RichProgressBar):
+    pass
+
+
+class TQDMBar(_WithoutVersion, L.pytorch.callbacks.TQDMProgressBar):
+    pass
+
+
+def progress_bar() -> L.Callback:
+    """The bar Lightning would pick (Rich when installed, else tqdm), without `v_num`."""
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    return RichBar() if _RICH_AVAILABLE else TQDMBar()

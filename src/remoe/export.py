@@ -66,6 +66,18 @@ def _check_out(checkpoint: str, out: str, overwrite: bool) -> None:
         raise ExportError(f"out: cannot write into {probe} (permission denied or read-only)")
 
 
+def permissions_as_umask(folder: str) -> None:
+    """Folder and files readable as the user's umask says (tempfile.mkdtemp creates 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
 def _remove_stale_temps(parent: str, name: str) -> None:
     """Leftovers of an export killed midway (<name>_partial_<pid>_*, <name>_old_<pid>_*) whose process is gone."""
     from .runs import remove_leftovers
@@ -311,6 +323,7 @@ def export(
                     f"(> {VERIFY_ATOL}); nothing written"
                 )
             log.info("export: exported logits match the checkpoint's (max abs diff %.3g)", diff)
+        permissions_as_umask(tmp)  # mkdtemp made it 0700: the export is shared as any folder the user makes
         if os.path.isdir(out):  # overwrite=true: the old folder goes only once the new one is complete
             old = tempfile.mkdtemp(prefix=f"{name}_old_{os.getpid()}_", dir=parent)
             os.replace(out, os.path.join(old, "x"))

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import plan, precision
-from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput
+from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput, progress_bar
 from .checkpoint import checkpoint_io, remove_stale_partials
 from .console import closing_line
 from .cpu import malloc_settings
@@ -253,6 +253,8 @@ def _callbacks(cfg: DictConfig, run_dir: str, lit: LitLM) -> list[L.Callback]:
                                             every_n_train_steps=cfg.size.ckpt_interval),
         FaultCheckpoint(ckpt_dir), TrainThroughput(),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
     if lit.routing.moe:
         from .analysis import FlipProbe
 

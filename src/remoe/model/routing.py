@@ -85,6 +85,7 @@ class RoutingMethod:
         self.history_start = 0  # global step of sparsity_history[0] (> 0 only after a legacy resume)
         self.layer_tail: list[list[float]] = []  # experts per token of each layer, the last TAIL steps
         self.warned: set[int] = set()  # layers already reported as collapsing
+        self.said_recovered: set[int] = set()  # warned layers reported as recovered at the end
 
     # ---- model side: architecture only ----------------------------------------------------------
     @classmethod
@@ -129,9 +130,10 @@ class RoutingMethod:
             if len(recent) == WARN_WINDOW and mean < COLLAPSE_FRACTION * self.cfg.n_active \
                     and layer not in self.warned:
                 self.warned.add(layer)
-                log.warning("MoE layer %d is collapsing at step %d: %.3f experts per token over the last %d "
-                            "steps (k = %d); most tokens skip its FFN", layer, stats.step, mean, WARN_WINDOW,
-                            self.cfg.n_active)
+                log.warning("MoE layer %d may be collapsing at step %d: %.3f experts per token over the last %d "
+                            "steps (k = %d), so most tokens skip its FFN. Often a transient dip while lambda "
+                            "settles; the run's end says whether it recovered (summary.json collapsed_layers)",
+                            layer, stats.step, mean, WARN_WINDOW, self.cfg.n_active)
         return {}
 
     def rank_state(self) -> dict[str, float] | None:
@@ -158,9 +160,12 @@ class RoutingMethod:
         n = min(len(self.layer_tail), tail_length(len(self.sparsity_history)))
         rows = self.layer_tail[-n:]
         per_token = [sum(r[i] for r in rows) / n for i in range(len(rows[0]))]
-        return {"layer_sparsity": [1 - e / self.cfg.n_experts for e in per_token],
-                "collapsed_layers": [i for i, e in enumerate(per_token)
-                                     if e < COLLAPSE_FRACTION * self.cfg.n_active]}
+        collapsed = [i for i, e in enumerate(per_token) if e < COLLAPSE_FRACTION * self.cfg.n_active]
+        for layer in sorted(self.warned - set(collapsed) - self.said_recovered):
+            self.said_recovered.add(layer)
+            log.info("MoE layer %d recovered after its collapse warning: %.3f experts per token over the last %d "
+                     "steps (k = %d)", layer, per_token[layer], n, self.cfg.n_active)
+        return {"layer_sparsity": [1 - e / self.cfg.n_experts for e in per_token], "collapsed_layers": collapsed}
 
     def summary(self) -> dict:
         """Fields this method adds to summary.json (names declared in runs.RunSummary)."""
