@@ -19,7 +19,7 @@
 #   sensitivity     8  ReMoE x lambda0 = 1e-16,1e-12,1e-4,1 and alpha = 1.05,1.1,1.3,1.5      1.3 h
 #   records         -  copy the compact records to reports/runs/, then the report into reports/
 #   * wall_time_s summed as recorded at commit 897bd36 on 2-core CPUs (Intel Xeon, AMD EPYC), some runs beside
-#     other work: 13.8 h in all (README "CPU replication"; ~10 min per run alone on the AMD EPYC). E=8 / G=1 /
+#     other work: 13.8 h in all (`docs/cpu-replication.md`; ~10 min per run alone on the AMD EPYC). E=8 / G=1 /
 #     LB on / lambda0=1e-8 / alpha=1.2 / global lambda are the methods stage's runs, not run again. The
 #     records stage refuses (exit 2) while reports/runs holds records of another setting under the same
 #     names (as the size=study replication's did: they moved to reports/study1k/runs).

@@ -70,6 +70,7 @@ class ReportOnMultirunEnd(Callback):
 # dense 10 min, Dense x8 16-22 min predicted 8 / 16 min). A first guess only: from the first finished point
 # on, the rate measured in this grid replaces it.
 SECONDS_PER_TOKEN_MUNIT = 4.07e-5
+POINT_OVERHEAD_S = 40  # start-up, validation and evaluation of one point (the default run: 114 s, 78 s by the rate)
 
 
 def point_cost(cfg) -> tuple[float, float]:
@@ -135,7 +136,7 @@ class GridProgress(Callback):
             self.costs = []
             self._say(f"{len(points)} points (no time estimate: {type(e).__name__})")
             return
-        total = sum(self.costs) * SECONDS_PER_TOKEN_MUNIT
+        total = sum(self.costs) * SECONDS_PER_TOKEN_MUNIT + POINT_OVERHEAD_S * len(self.costs)
         spread = max(self.costs) / min(self.costs) if min(self.costs) > 0 else 1.0
         self._say(f"{len(points)} points -> {config.hydra.sweep.dir}; about {_hm(total)} on a 2-core CPU if none is "
                   f"done yet (the costliest point ~{spread:.1f}x the cheapest; completed points are skipped, "

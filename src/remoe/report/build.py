@@ -303,7 +303,7 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
              "its shorter sensitivity runs): a far larger setting than CPU runs.", ""]
     if study_recipe:
         lines += [f"**Every run here is configured off the paper's optimizer recipe, the same way: "
-                  f"{', '.join(study_recipe)}** (README: Options off the paper's recipe). "
+                  f"{', '.join(study_recipe)}** (docs/routing-methods.md: optim.ffn_down_lr). "
                   + RECIPE_EFFECT.get(tuple(study_recipe), "")
                   + "Tables, figures and claims compare these runs with each other, and their labels leave it "
                   "out.", ""]
@@ -325,7 +325,7 @@ def _index(df, skipped, made_tables, made_figs, roots, out_dir, notes, claims_md
     for p in made_figs:
         rel = os.path.relpath(p, out_dir)
         lines += [f"![{os.path.basename(p)}]({rel})", "", *([f"*{figure_caption(p)}*", ""] if figure_caption(p) else [])]
-    lines += ["## Runs", "", "Each run's model, for Hugging Face transformers (README: Share a model; checkpoints are "
+    lines += ["## Runs", "", "Each run's model, for Hugging Face transformers (docs/evaluation-and-export.md; checkpoints are "
               "not part of the committed records): `python src/export.py checkpoint=<run>/checkpoints/last.ckpt "
               "out=<folder>`.", "",
               "| run | model | size | E | k | G | seed | steps | val loss | commit |",
