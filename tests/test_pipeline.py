@@ -277,6 +277,27 @@ def test_multirun_with_ddp_runs_each_point_once_and_ranks_share_routing_state(tr
     assert len(bias) == 2 and bias[0] == bias[1] != 0
 
 
+def test_ddp_ranks_agree_on_lambda_where_their_local_sparsity_straddles_the_target(train):
+    """Issue 43: lambda must come from the all-reduced counts. At k=7 of E=16 (target 0.5625) the sparsity of the
+    default recipe climbs through the target around step 17 and then sits within ~0.005 of it (0.5626-0.5699
+    single-process), closer than two half-batches' sparsities agree, so two ranks updating from their own
+    counts would step lambda apart and the end-of-training check (rank_states) would fail the run; with the
+    all-reduce both ranks hold one lambda. (The FAST setting's six steps all below target could not tell.)"""
+    _, out = train("trainer=ddp", "trainer.devices=2", "logger=csv", "eval=none", "model=remoe", "experts=16",
+                   "topk=7", "trainer.max_steps=24", "size.val_interval=24", "size.val_batches=1",
+                   "size.ckpt_interval=24", "trainer.enable_progress_bar=false")
+    [path] = summaries(out)
+    s = read_summary(Path(path).parent)
+    assert s["status"] == "completed" and s["world_size"] == 2
+    lam = s["rank_states"]["lambda"]
+    assert len(lam) == 2 and lam[0] == lam[1]
+    with open(Path(path).parent / "metrics.csv") as f:
+        series = [float(r["train/lambda"]) for r in csv.DictReader(f) if r.get("train/lambda")]
+    ups = sum(b > a for a, b in zip(series, series[1:]))
+    downs = sum(b < a for a, b in zip(series, series[1:]))
+    assert ups and downs, series  # the target was crossed both ways: a setting where ranks could disagree
+
+
 def test_routing_log_file(train):
     _, out = train("routing_log_interval=2", "logger=none", "eval=none", *FAST)
     run = Path(summaries(out)[0]).parent
