@@ -32,8 +32,6 @@ stage() {
   esac
 }
 STAGES="corpus regime e128 e64 e32 records"
-for s in "$@"; do  # every name checked before anything runs
-  [[ " $STAGES " == *" $s "* ]] || { echo "powered.sh: no stage '$s' ($STAGES)" >&2; exit 2; }
-done
-for s in ${@:-$STAGES}; do stage "$s"; done
+source sweeps/stages.sh
+run_stages "$STAGES" "$STAGES" "$@"
 exit $status

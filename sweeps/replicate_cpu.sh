@@ -45,8 +45,6 @@ stage() {
   esac
 }
 STAGES="methods experts granularity lb per_layer sensitivity records"
-for s in "$@"; do  # every name checked before anything runs
-  [[ " restore $STAGES " == *" $s "* ]] || { echo "replicate_cpu.sh: no stage '$s' (restore $STAGES)" >&2; exit 2; }
-done
-for s in ${@:-$STAGES}; do stage "$s"; done
+source sweeps/stages.sh
+run_stages "restore $STAGES" "$STAGES" "$@"
 exit $status
