@@ -18,8 +18,7 @@ from omegaconf import DictConfig
 
 from remoe.cli import RunFailed, fail, first_line, guard
 from remoe.console import quiet_third_party
-from remoe.pipeline import run
-from remoe.settings import ConfigError, register_resolvers, run_mode_defaults
+from remoe.resolvers import register_resolvers, run_mode_defaults
 
 register_resolvers()
 quiet_third_party()
@@ -27,6 +26,9 @@ quiet_third_party()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from remoe.pipeline import run  # torch and Lightning load here: `--help` never waits for them
+    from remoe.settings import ConfigError
+
     run_dir = HydraConfig.get().runtime.output_dir
     run_mode_defaults(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)
     try:

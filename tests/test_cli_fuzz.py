@@ -298,3 +298,18 @@ def test_a_report_killed_while_building_leaves_the_previous_report_as_it_was(tmp
     assert after == before
     assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
     assert not list(out.glob(".report-*")) and not (out / "tables" / "mine.md").exists()
+
+
+def test_help_lists_every_public_option_and_no_private_one():
+    """Issue 42: `train.py --help` lists each config group's public options (the yaml files of conf/<group>/),
+    not the presets' shared base (size/_paper.yaml)."""
+    p = subprocess.run([sys.executable, str(SRC / "train.py"), "--help"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    listed = {line.split(":")[0]: {o.strip() for o in line.split(":", 1)[1].split(",")}
+              for line in p.stdout.split("== Config (")[0].splitlines()
+              if ":" in line and not line.startswith(("python", "==", "+sweep"))}
+    conf = ROOT / "conf"
+    for group in ("model", "size", "data", "trainer", "logger", "eval"):
+        public = {f.stem for f in (conf / group).glob("*.yaml") if not f.stem.startswith("_")}
+        assert listed[group] == public, group
+    assert "_paper" not in p.stdout.split("== Config (")[0]

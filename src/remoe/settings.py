@@ -8,7 +8,6 @@ user would type: a field set through an interpolation (`experts: ${experts}`) is
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import fields
@@ -46,48 +45,7 @@ MOE_DISPATCH = ("auto", "exact", "bounded")  # model.moe.PairCapacity
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")  # an experiment name: one folder under paths.root
 
 
-def slug(overrides: str | None) -> str:
-    """Folder name for a run from Hydra's override_dirname: readable, filesystem-safe, bounded."""
-    s = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", overrides or "") or "default"
-    if len(s) > 96:
-        s = s[:80] + "-" + hashlib.sha1(s.encode()).hexdigest()[:10]
-    return s
-
-
-GRID_EXCLUDED = ("sweep", "resume", "skip_completed", "report_on_multirun_end", "name", "logger", "eval",
-                 "paths.root", "trainer.enable_progress_bar", "hydra.verbose")  # as hydra.job override_dirname
-
-
-def grid_slug(task_overrides=None) -> str:
-    """Folder name of a -m grid from its command-line overrides (sweeps included; default: this process's
-    command line, as Hydra's own sweep-dir resolution has no ${hydra:} access yet): the same command lands
-    in the same folder, so rerunning it skips completed points and resumes cut ones."""
-    import sys
-
-    if task_overrides is None:
-        task_overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    items = []
-    for o in task_overrides:
-        key, _, value = str(o).lstrip("+~").partition("=")
-        if key not in GRID_EXCLUDED and not key.startswith("hydra."):
-            items.append(f"{key}-{value}")
-    return slug("__".join(sorted(items)))
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("remoe_slug"):
-        OmegaConf.register_new_resolver("remoe_slug", slug)
-    if not OmegaConf.has_resolver("remoe_grid"):
-        OmegaConf.register_new_resolver("remoe_grid", grid_slug)
-
-
-def run_mode_defaults(cfg: DictConfig, multirun: bool) -> None:
-    """resume / skip_completed left at null: true in a -m grid (rerunning the command skips completed points
-    and resumes cut ones), false for a single run."""
-    with open_dict(cfg):
-        for key in ("resume", "skip_completed"):
-            if cfg.get(key) is None:
-                cfg[key] = multirun
+from .resolvers import GRID_EXCLUDED, grid_slug, register_resolvers, run_mode_defaults, slug  # noqa: F401
 
 
 def _key(cfg: DictConfig, field: str) -> str:

@@ -194,7 +194,7 @@ def spec_key(pins=PINS) -> str:
 
 def package_documents(cache_dir: str, pins=PINS):
     """The corpus as a datasets.Dataset (text, domain, source, doc_id), built once per pin set."""
-    from datasets import Dataset, load_from_disk
+    from datasets import load_from_disk
 
     folder = os.path.join(cache_dir, "packages")
     out = os.path.join(folder, f"documents-{spec_key(pins)}")
