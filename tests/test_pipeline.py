@@ -342,3 +342,14 @@ def test_grid_points_and_folder_follow_the_command():
     assert grid_slug(["model=remoe", "experts=4,16,64,128"]) == "experts-4,16,64,128__model-remoe"
     assert grid_slug(["experts=4,16", "model=remoe", "resume=false", "name=x"]) == grid_slug(["model=remoe",
                                                                                             "experts=4,16"])
+
+
+def test_a_single_run_ends_with_its_closing_line_and_no_third_party_summary(train):
+    """Issue 42: W&B's run history/summary (~40 lines) stays in the run (settings.quiet), the grid's progress
+    lines belong to -m grids only, and the closing line comes last."""
+    p, _ = train("eval=none", "trainer.max_steps=2", "size.val_interval=2", "size.val_batches=1",
+                 "trainer.enable_progress_bar=false")
+    lines = [x for x in (p.stdout + p.stderr).splitlines() if x.strip()]
+    assert p.stdout.strip().splitlines()[-1].startswith("remoe: completed |"), p.stdout[-2000:]
+    assert not any(x.startswith("grid: ") or "Callback" in x or "Run history" in x or "Run summary" in x
+                   for x in lines), lines[-20:]

@@ -143,7 +143,7 @@ class GridProgress(Callback):
                   "cut ones resume)")
 
     def on_job_start(self, config, **kwargs) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.start:  # a single run: no grid to report on
             return
         self.t_job = time.time()
         n = len(self.costs)
@@ -153,7 +153,7 @@ class GridProgress(Callback):
                   f"{_hm(time.time() - self.start)} so far" + (f", ~{_hm(left)} left" if left is not None else ""))
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.start:
             return
         i = config.hydra.job.num
         took = time.time() - self.t_job

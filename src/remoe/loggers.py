@@ -97,7 +97,11 @@ class CSVLogger(_CSVLogger):
 
 
 class WandbLogger(_WandbLogger):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, settings=None, **kwargs):
+        if settings is not None:  # from Hydra: a DictConfig; wandb.init takes a dict or wandb.Settings
+            from omegaconf import OmegaConf
+
+            kwargs["settings"] = OmegaConf.to_container(settings) if OmegaConf.is_config(settings) else settings
         super().__init__(*args, **kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
