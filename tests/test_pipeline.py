@@ -339,7 +339,7 @@ def test_grid_points_and_folder_follow_the_command():
     assert grid_points(["model=remoe", "experts=4,16", "seed=range(1,3)"]) == [
         ["model=remoe", "experts=4", "seed=1"], ["model=remoe", "experts=4", "seed=2"],
         ["model=remoe", "experts=16", "seed=1"], ["model=remoe", "experts=16", "seed=2"]]
-    assert grid_slug(["model=remoe", "experts=4,16,64,128"]) == "experts-4,16,64,128__model-remoe"
+    assert grid_slug(["model=remoe", "experts=4,16,64,128"]) == "experts-4+16+64+128__model-remoe"
     assert grid_slug(["experts=4,16", "model=remoe", "resume=false", "name=x"]) == grid_slug(["model=remoe",
                                                                                             "experts=4,16"])
 

@@ -154,8 +154,8 @@ def test_prepare_text_files_given_as_a_list(tmp_path):
     corpus = tmp_path / "corpus" / "docs"
     corpus.mkdir(parents=True)
     words = [f"w{i}" for i in range(200)]
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(" ".join(words[(i * 7 + j) % 200] for j in range(3000)))
+    for i in range(24):  # 24 documents: a 30% split by path hash is empty with probability 0.7^24 (was 0.7^4 = 24%)
+        (corpus / f"{i}.txt").write_text(" ".join(words[(i * 7 + j) % 200] for j in range(600)))
     files = sorted(str(p) for p in corpus.glob("*.txt"))
     out = tmp_path / "prepared"
     prepare(tmp_path, "data=text_files", f"data.files=[{','.join(files)}]", "data.vocab_size=300",

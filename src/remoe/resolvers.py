@@ -34,7 +34,8 @@ def grid_slug(task_overrides=None) -> str:
         key, _, value = str(o).lstrip("+~").partition("=")
         if key not in GRID_EXCLUDED and not key.startswith("hydra."):
             items.append(f"{key}-{value}")
-    return slug("__".join(sorted(items)))
+    # no commas: a path holding one cannot be passed back as an override (checkpoint=...) without quoting
+    return slug("__".join(sorted(items)).replace(",", "+"))
 
 
 def register_resolvers() -> None:
