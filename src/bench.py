@@ -13,9 +13,9 @@ reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-
 import argparse
 import sys
 
-from remoe.cli import ArgumentParser, UsageError, guard
 from remoe.bench.layer import bench_layer
 from remoe.bench.model import bench_models, paper_table
+from remoe.cli import ArgumentParser, UsageError, guard
 from remoe.precision import cpu_info
 from remoe.runs import git_commit, package_versions, write_json_atomic
 

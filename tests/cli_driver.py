@@ -32,7 +32,7 @@ def run_one(script: str, args: list[str], cwd: str) -> dict:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - reported, and the test fails on it
+    except BaseException:
         rc = "uncaught"
         traceback.print_exc()
     finally:

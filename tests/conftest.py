@@ -28,10 +28,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         scopes = {n: defs[-1].scope for n, defs in (info.name2fixturedefs.items() if info else ()) if defs}
-        if "tiny_sweep" in scopes:
-            item.add_marker(pytest.mark.xdist_group("tiny_sweep"))
-        elif "module" in scopes.values():
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+        group = "tiny_sweep" if "tiny_sweep" in scopes else item.path.stem if "module" in scopes.values() else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+            _suffix_nodeid(item, group)
+
+
+def _suffix_nodeid(item, group: str) -> None:
+    """xdist's loadgroup scheduler reads a test's group from its nodeid ("...::test@group"), which xdist 3.8
+    writes into `item._nodeid`; pytest 9 builds nodeid from `item._id` instead, so every group was silently
+    spread over both workers and each module fixture (and tiny_sweep) built twice (issue 43: measured, 2 x 30-110 s
+    each). Set it where pytest 9 reads it, in the workers only (the controller schedules by what they send)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or "@" in item.nodeid:
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id
+    except ImportError:  # pytest < 9: xdist's own `_nodeid` rewrite works
+        return
+    item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +74,35 @@ def train(cache_dir, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def fast_run(cache_dir, tmp_path_factory):
+    """One finished tiny run (`logger=csv eval=none` + FAST) for every worker of the session: built once, by the
+    first worker that asks, under a file lock in the folder the workers share; tests read or copy it, never
+    change it."""
+    import fcntl
+
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    shared = tmp_path_factory.getbasetemp().parent / f"shared-{uid}" if uid else tmp_path_factory.getbasetemp()
+    shared.mkdir(exist_ok=True)
+    run = shared / "fast_run" / "run"
+    with open(shared / "fast_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "summary.json").exists():
+            env = {**os.environ, "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+            p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "logger=csv", "eval=none", *FAST,
+                                f"hydra.run.dir={run}"], cwd=shared, env=env, capture_output=True, text=True,
+                               timeout=600)
+            assert p.returncode == 0, p.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_sweep(cache_dir, tmp_path_factory):
     """One real multirun shared by the pipeline and report tests: dense/topk/remoe x seeds 1,2."""
     out = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
     p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), "-m", "model=dense,topk,remoe", "seed=1,2",
-                        "eval.n_docs=30", "name=tiny_sweep", "analysis.flip_interval=2", *FAST], cwd=out, env=env, capture_output=True, text=True,
+                        "eval.n_docs=30", "name=tiny_sweep", "analysis.flip_interval=2", *FAST], cwd=out, env=env,
+                       capture_output=True, text=True,
                        timeout=1200)
     assert p.returncode == 0, p.stderr[-5000:]
     return out

@@ -11,16 +11,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
-from test_model import make_layer, naive_moe
 
+from conftest import ROOT
 from remoe.bench.layer import bench_layer, remoe_steady_state
 from remoe.bench.model import bench_models
-from remoe.model import preset
 from remoe.cpu import MALLOC_ENV
 from remoe.model import experts as experts_mod
+from remoe.model import preset
 from remoe.model.dispatch import group_by_expert
 from remoe.precision import FLAGS
+from test_model import make_layer, naive_moe
 
 
 def _hard_case(method):

@@ -57,7 +57,7 @@ def test_bounded_plan_is_bitwise_the_exact_stage(dtype, ffn):
     n = int((layer.router(x).gates != 0).sum())
     want = stage(layer, x, group_by_expert)
     for rows in (n, n + 1, n + 100):  # exactly full, one padding row, many
-        got = stage(layer, x, lambda g: bounded(g, rows)[0])
+        got = stage(layer, x, lambda g, rows=rows: bounded(g, rows)[0])
         for a, b, name in zip(got, want, ("y", "dx", "dgates", "dw13", "dw2")):
             assert torch.equal(a, b), (rows, name)
 

@@ -109,7 +109,7 @@ def test_exported_folders_load_with_transformers_alone_and_match_the_checkpoints
         diff = (torch.tensor(r["logits"]) - ref.logits).abs().max().item()
         assert diff <= 1e-5, (name, diff)
         ours = greedy_decode(
-            lambda t: model(t).logits, ids[0, :8].tolist(), 20, model.cfg.max_seq_len, eos=r["eos"]
+            lambda t, model=model: model(t).logits, ids[0, :8].tolist(), 20, model.cfg.max_seq_len, eos=r["eos"]
         )
         gen = r["generated"]
         assert gen[: len(ours)] == ours and (len(gen) == len(ours) or gen[len(ours)] == r["eos"]), name

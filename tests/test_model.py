@@ -8,11 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from remoe.model import (LAMBDA_FLOOR, METHODS, LambdaController, ModelConfig, RoutingStats, Transformer,
-                         build_method, preset)
+from remoe.model import (
+    LAMBDA_FLOOR,
+    METHODS,
+    LambdaController,
+    ModelConfig,
+    RoutingStats,
+    Transformer,
+    build_method,
+    preset,
+)
 from remoe.model import experts as experts_mod
-from remoe.model.presets import CONF_SIZE_DIR, preset_arch
 from remoe.model.moe import MoELayer
+from remoe.model.presets import CONF_SIZE_DIR, preset_arch
 from remoe.model.regularizers import l1_loss, lb_l1_loss, switch_aux_loss
 
 PRESETS = sorted(p.stem for p in CONF_SIZE_DIR.glob("*.yaml") if not p.stem.startswith("_"))
@@ -449,19 +457,21 @@ def test_unknown_preset_and_method():
         preset("tiny", "no_such_method")
 
 
-def test_legacy_model_dicts_still_load():
-    """Checkpoints written before the routing-method objects stored `router` and training knobs in the
-    model config: they map to the method and its knobs."""
-    from remoe.model.config import split_legacy
+def test_checkpoint_format_is_checked_and_format_0_refused_in_one_line():
+    """Issue 41: checkpoints carry a format version; format 0 (before the routing-method objects: `router`
+    and the knobs in the model config) is refused by name, not translated; one from newer code too."""
+    from remoe.checkpoint import FORMAT, FORMAT_KEY, CheckpointError, check_format
 
-    old = {**preset("tiny", "remoe", vocab_size=100).to_dict(), "lambda0": 1e-6, "alpha": 1.5,
-           "regularizer": "l1", "aux_loss_coef": 0.01, "warmup_topk": None, "warmup_steps": 0}
-    old["router"] = "relu"
-    del old["routing"]
-    cfg = ModelConfig.from_dict(old)
-    assert cfg == preset("tiny", "remoe", vocab_size=100)
-    assert split_legacy(old)[1]["lambda0"] == 1e-6
-    assert ModelConfig.from_dict({**old, "router": None}).routing == "dense"
+    model = preset("tiny", "remoe", vocab_size=100).to_dict()
+    check_format({"hyper_parameters": {"model": model}, FORMAT_KEY: FORMAT}, "x.ckpt")
+    check_format({"hyper_parameters": {"model": model}}, "x.ckpt")  # format 1 before the key was written
+    old = {**{k: v for k, v in model.items() if k != "routing"}, "router": "relu", "lambda0": 1e-6}
+    with pytest.raises(CheckpointError, match=r"format 0, this code reads format 1 .*a7cf893"):
+        check_format({"hyper_parameters": {"model": old}}, "x.ckpt")
+    with pytest.raises(CheckpointError, match="format 2.*newer code"):
+        check_format({"hyper_parameters": {"model": model}, FORMAT_KEY: 2}, "x.ckpt")
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict(old)
 
 
 # ---- the method's central claim, end to end ----------------------------------------------------

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT
-from remoe.settings import ConfigError, batch_split, register_resolvers, validate
 from remoe.runs import read_summary
+from remoe.settings import ConfigError, batch_split, register_resolvers, validate
 from remoe.wandb_offline import offline_runs, read_history
 
 register_resolvers()
@@ -211,30 +211,43 @@ def test_multirun_grid_makes_one_run_and_one_wandb_run_per_point(tiny_sweep):
     assert groups == {"tiny_sweep"}
 
 
-def test_same_seed_same_losses_other_seed_differs(train, tmp_path):
-    args = ["model=remoe", "logger=csv", "eval=none", *FAST]
-    _, a = train(*args, out=tmp_path / "a")
-    _, b = train(*args, out=tmp_path / "b")
-    _, c = train(*args, "seed=7", out=tmp_path / "c")
-    la, lb, lc = (metric_series(Path(summaries(o)[0]).parent, "train/loss") for o in (a, b, c))
+EAGER = ["model=remoe", "logger=csv", "eval=none", *FAST]
+
+
+@pytest.fixture(scope="module")
+def eager_remoe(cache_dir, tmp_path_factory):
+    """One default-seed eager ReMoE run, the reference of the same-seed and the compile tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("eager")
+    env = {**os.environ, "REMOE_OUTPUT": str(out), "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *EAGER], cwd=out, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return Path(summaries(out)[0]).parent
+
+
+def test_same_seed_same_losses_other_seed_differs(train, tmp_path, eager_remoe):
+    _, b = train(*EAGER, out=tmp_path / "b")
+    _, c = train(*EAGER, "seed=7", out=tmp_path / "c")
+    la, lb, lc = (metric_series(r, "train/loss") for r in (eager_remoe, *(Path(summaries(o)[0]).parent for o in (b, c))))
     # identical trajectories; a logged value may differ in the 7th digit between processes (CPU reductions
     # on 2 threads), never the training state: lambda (from integer routing counts) must match exactly
     assert len(la) == 6 and [s for s, _ in la] == [s for s, _ in lb]
     assert all(x == pytest.approx(y, rel=1e-6) for (_, x), (_, y) in zip(la, lb))
-    sa, sb = (read_summary(Path(summaries(o)[0]).parent) for o in (a, b))
+    sa, sb = read_summary(eager_remoe), read_summary(Path(summaries(b)[0]).parent)
     assert sa["lambda"] == sb["lambda"] and sa["val_loss"] == pytest.approx(sb["val_loss"], rel=1e-6)
     assert any(abs(x - y) > 1e-4 for (_, x), (_, y) in zip(la, lc))
 
 
-def test_compiled_blocks_train_the_same_losses_and_checkpoint_keys(train, tmp_path):
+def test_compiled_blocks_train_the_same_losses_and_checkpoint_keys(train, tmp_path, eager_remoe):
     """compile=true (torch.compile per block; ReMoE's routing has data-dependent shapes) gives eager's
     losses to fp32 tolerance, the same lambda, and a checkpoint an eager run can load (same names)."""
     import torch
 
-    args = ["model=remoe", "logger=csv", "eval=none", *FAST]
-    _, a = train(*args, out=tmp_path / "eager")
-    _, b = train(*args, "compile=true", out=tmp_path / "compiled")
-    (ra,), (rb,) = ([Path(p).parent for p in summaries(o)] for o in (a, b))
+    _, b = train(*EAGER, "compile=true", out=tmp_path / "compiled")
+    ra, (rb,) = eager_remoe, [Path(p).parent for p in summaries(b)]
     la, lb = (metric_series(r, "train/lm_loss") for r in (ra, rb))
     assert len(la) == len(lb) == 6 and all(x == pytest.approx(y, rel=1e-4) for (_, x), (_, y) in zip(la, lb))
     sa, sb = read_summary(ra), read_summary(rb)

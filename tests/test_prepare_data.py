@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT
+from conftest import ROOT
 from remoe.data.datamodule import LMDataModule, read_prepared
 from remoe.data.tokenizer import train_bpe
 
@@ -110,10 +110,9 @@ def test_prepare_refuses_bad_values_with_one_line_and_never_overwrites(pile):
 
 
 def test_train_from_prepared_resumes_at_the_exact_batch_and_refuses_a_larger_budget(pile, train, tmp_path, cache_dir):
+    from remoe.runs import read_summary
     from test_pipeline import metric_series
     from test_reliability import wait_for_checkpoint
-
-    from remoe.runs import read_summary
 
     _, out, _, _ = pile
     rec = read_prepared(str(out))

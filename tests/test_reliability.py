@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,30 @@ def start(run_dir, env, *extra):
 @pytest.fixture
 def env(cache_dir):
     return {**os.environ, "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+
+
+# One completed 4-step ReMoE run (checkpoints every 2 steps) that the resume and refusal tests copy instead of
+# each training their own: they pass BASE (and hydra.run.dir=<their copy>) to train.py, plus what they change.
+BASE = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=2", "size.ckpt_interval=2", "size.val_batches=2",
+        "trainer.enable_progress_bar=false", "trainer.gradient_clip_val=null"]
+
+
+@pytest.fixture(scope="module")
+def base_run(cache_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("base") / "r"
+    env = {**os.environ, "REMOE_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    p = subprocess.run([sys.executable, str(ROOT / "src" / "train.py"), *BASE, "trainer.max_steps=4",
+                        f"hydra.run.dir={run}"], cwd=run.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run
+
+
+@pytest.fixture
+def base_copy(base_run, tmp_path):
+    """A copy of base_run at tmp_path/r, and the arguments that resume it there."""
+    run = tmp_path / "r"
+    shutil.copytree(base_run, run)
+    return run, [*BASE, f"hydra.run.dir={run}"]
 
 
 def wait_for_checkpoint(run_dir, proc, timeout=300):
@@ -113,19 +138,16 @@ def test_nonfinite_loss_stops_with_diagnostic_checkpoint(train):
     assert list((summary.parent / "checkpoints").glob("nonfinite-step*.ckpt"))
 
 
-def test_resume_with_a_different_model_config_is_an_error(train, tmp_path):
-    run = tmp_path / "r"
-    base = ["logger=none", "eval=none", "trainer.max_steps=2", "size.val_interval=2", "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run}"]
-    train("model=remoe", "experts=8", *base)
-    p, _ = train("model=remoe", "experts=16", "resume=true", *base, check=False)
+def test_resume_with_a_different_model_config_is_an_error(train, base_copy):
+    run, base = base_copy  # trained at experts=8
+    p, _ = train("experts=16", "resume=true", "trainer.max_steps=6", *base, check=False)
     assert p.returncode == 2
     assert "different model config" in p.stdout + p.stderr and "experts=8" in p.stdout + p.stderr
 
 
-def _to_legacy(ckpt_path):
-    """Rewrite a checkpoint into the format written before the routing-method objects: the method as
-    `router` and its training knobs inside hyper_parameters["model"], ReMoE's controller state under
+def _to_format_0(ckpt_path):
+    """Rewrite a checkpoint into format 0, written before the routing-method objects: the method as `router`
+    and its training knobs inside hyper_parameters["model"], ReMoE's controller state under
     checkpoint["lambda_controller"] (as a7cf893 and earlier wrote them)."""
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hp = ck["hyper_parameters"]
@@ -136,35 +158,35 @@ def _to_legacy(ckpt_path):
     ck["hyper_parameters"] = {"model": model, "optim": hp["optim"],
                               "routing_log_interval": hp["routing_log_interval"]}
     ck["lambda_controller"] = ck.pop("routing_state")["lambda_controller"]
+    del ck["remoe_format"]
     torch.save(ck, ckpt_path)
 
 
-def test_checkpoints_from_before_the_routing_methods_load_and_resume(train, tmp_path):
+def test_checkpoints_of_an_older_format_are_refused_in_one_line(train, base_copy):
+    """Issue 41: format 0 checkpoints are no longer translated: resume, evaluation and export refuse them in
+    one line naming the format (exit 2), and the run folder is left as it was."""
+    from remoe.checkpoint import CheckpointError
     from remoe.eval.adapter import load_checkpoint
 
-    run = tmp_path / "r"
-    base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=4", "size.ckpt_interval=4",
-            "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
-    train(*base, "trainer.max_steps=4")
-    first = read_summary(run)
+    run, base = base_copy
     ckpt = run / "checkpoints" / "last.ckpt"
-    _to_legacy(ckpt)
-    model, _, hp = load_checkpoint(str(ckpt))
-    assert model.cfg.routing == "remoe" and "router" in hp["model"]
-    train(*base, "trainer.max_steps=6", "resume=true")
-    lam = series(run, "train/lambda")
-    assert sorted(lam) == list(range(6)) and lam[4] == pytest.approx(first["lambda"], rel=1e-6)  # lambda back
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["remoe_format"] == 1
+    _to_format_0(ckpt)
+    with pytest.raises(CheckpointError, match="format 0, this code reads format 1"):
+        load_checkpoint(str(ckpt))
+    before = _snapshot(run)
+    p, _ = train(*base, "trainer.max_steps=6", "resume=true", check=False)
+    lines = [x for x in p.stderr.splitlines() if "config error" in x]
+    assert p.returncode == 2 and len(lines) == 1 and "format 0" in lines[0] and "Traceback" not in p.stderr
+    assert _snapshot(run) == before
 
 
-def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, tmp_path):
+def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, base_copy):
     """alpha is the controller's training knob, not the model: a resume may change it (it was refused as
     "a different model config" before the routing methods owned their knobs). The optimizer recipe (runs.RECIPE)
     may not change: the checkpoint's parameter groups are another optimizer's; refused in one line, exit 2,
     nothing in the folder changed."""
-    run = tmp_path / "r"
-    base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=4", "size.ckpt_interval=4",
-            "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
-    train(*base, "trainer.max_steps=4")
+    run, base = base_copy
     train(*base, "trainer.max_steps=8", "resume=true", "model.alpha=2.0")
     s = read_summary(run)
     assert s["status"] == "completed" and s["alpha"] == 2.0 and s["steps"] == 8
@@ -183,17 +205,14 @@ def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, tmp_pa
                                         (["size.global_batch_size=16"], "size.global_batch_size"),
                                         (["seed=7"], "seed"),
                                         (["trainer=ddp", "trainer.devices=2"], "trainer.devices")])
-def test_a_resume_that_would_change_what_the_run_trains_is_refused(train, tmp_path, change, key):
+def test_a_resume_that_would_change_what_the_run_trains_is_refused(train, base_copy, change, key):
     """A resume may change trainer.max_steps and the routing method's knobs (recorded, above); any other
     training key, or the device count (each rank's batches follow from it), is refused in one line naming
     it, exit 2, before the folder is touched: config_resolved.yaml would otherwise claim the new values for
     the whole run, and train_tokens count the wrong batch."""
-    run = tmp_path / "r"
-    base = ["model=remoe", "logger=csv", "eval=none", "size.val_interval=2", "size.ckpt_interval=2",
-            "size.val_batches=2", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
-    train(*base, "trainer.max_steps=2")
+    run, base = base_copy
     before = _snapshot(run)
-    p, _ = train(*base, "trainer.max_steps=4", "resume=true", *change, check=False)
+    p, _ = train(*base, "trainer.max_steps=6", "resume=true", *change, check=False)
     lines = [x for x in p.stderr.splitlines() if "config error" in x]
     assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert f"{key}:" in lines[0], lines[0]
@@ -208,11 +227,8 @@ def _snapshot(run_dir):
             if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
 
 
-def test_a_resume_that_cannot_load_its_checkpoint_changes_nothing(train, tmp_path):
-    run = tmp_path / "r"
-    base = ["logger=csv", "eval=none", "size.val_interval=2", "size.val_batches=2",
-            "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"]
-    train(*base, "trainer.max_steps=4")
+def test_a_resume_that_cannot_load_its_checkpoint_changes_nothing(train, base_copy):
+    run, base = base_copy
     ckpt = run / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # truncated, as by a full disk
     before = _snapshot(run)
@@ -224,11 +240,8 @@ def test_a_resume_that_cannot_load_its_checkpoint_changes_nothing(train, tmp_pat
     assert read_summary(run)["status"] == "completed"
 
 
-def test_a_failed_attempt_never_replaces_a_completed_record_nor_a_skip_another_setting(train, tmp_path):
-    run = tmp_path / "r"
-    base = ["logger=csv", "eval=none", "size.val_interval=2", "size.val_batches=2",
-            "trainer.enable_progress_bar=false", f"hydra.run.dir={run}", "trainer.gradient_clip_val=null"]
-    train(*base, "trainer.max_steps=4")
+def test_a_failed_attempt_never_replaces_a_completed_record_nor_a_skip_another_setting(train, base_copy):
+    run, base = base_copy
     done = read_summary(run)
     # an extension whose controller explodes (alpha is a knob a resume may change): lambda -> inf
     p, _ = train(*base, "trainer.max_steps=30", "resume=true", "model.alpha=1e30", check=False)
@@ -314,10 +327,8 @@ def test_two_runs_in_one_folder_the_second_refuses_naming_the_owner(tmp_path, en
     assert steps == sorted(set(steps))  # no interleaved or doubled rows
 
 
-def test_read_only_commands_write_nothing(train, tmp_path):
-    run = tmp_path / "r"
-    train("logger=csv", "eval=none", "trainer.max_steps=2", "size.val_interval=2", "size.val_batches=2",
-          "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
+def test_read_only_commands_write_nothing(base_copy, tmp_path):
+    run, _ = base_copy
     before = {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "src" / "evaluate.py"), "checkpoint=checkpoints/last.ckpt",
@@ -517,6 +528,7 @@ def test_a_run_whose_disk_fills_during_a_save_ends_failed_with_its_last_checkpoi
     and last.ckpt is the step-10 checkpoint, whole."""
     out = tmp_path / "out"
     out.mkdir()
+    read_step = "import torch; print(torch.load('$T/run/checkpoints/last.ckpt', weights_only=True)['global_step'])"
     script = f"""
 cd $T
 REMOE_CACHE={cache_dir} WANDB_SILENT=true {sys.executable} {ROOT / 'src' / 'train.py'} logger=csv eval=none \\
@@ -528,7 +540,7 @@ while [ ! -f $T/run/checkpoints/last.ckpt ]; do sleep 0.01; done
 set +e
 wait $pid
 echo $? > {out}/rc.txt
-{sys.executable} -c "import torch; print(torch.load('$T/run/checkpoints/last.ckpt', weights_only=True)['global_step'])" > {out}/step.txt
+{sys.executable} -c "{read_step}" > {out}/step.txt
 cp $T/run/summary.json {out}/summary.json
 ls -a $T/run/checkpoints > {out}/ls.txt
 """

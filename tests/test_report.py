@@ -125,11 +125,12 @@ def test_small_scale_arms_name_every_factor_changed_from_the_standard_setting():
 def test_runs_off_the_papers_recipe_are_labelled_and_never_a_methods_standard_row():
     """An optim option off the paper's recipe (tables.RECIPE) names the run's row and keeps it out of the
     method's standard rows (the routing-methods table, the claims); a record without the fields is the paper's."""
+    from remoe.report.collect import describe
     from remoe.report.tables import _standard, variant
     from remoe.runs import RunSummary
 
-    def row(**kw):
-        return RunSummary.from_json({"model": "dense", "ffn_mult": 1, **kw}).to_json()
+    def row(**kw):  # as collect() makes it
+        return describe(RunSummary.from_json({"model": "dense", "ffn_mult": 1, **kw}).to_json())
 
     df = pd.DataFrame([row(), row(ffn_mult=8), row(ffn_mult=8, ffn_down_lr="fan_in"),
                        row(model="topk", aux_loss_coef=0.01, router_lr_scale=0.1, ffn_down_lr="fan_in"),
@@ -301,7 +302,6 @@ def test_a_report_of_other_runs_is_never_replaced_without_force(tiny_sweep, tmp_
     import sys
 
     from conftest import ROOT
-
     from remoe.report.build import ReportClobber
 
     a, b = tmp_path / "a", tmp_path / "b"  # two run roots: b holds some of a's runs only, under other names
@@ -335,7 +335,6 @@ def test_figures_name_their_runs_with_integer_layer_and_expert_ticks(tmp_path, m
     """Issue 42/43: each figure says which run(s) and setting it shows, layers and experts sit on integer ticks
     (read back from the figures as saved), and legends lie beside the axes, not over the data."""
     from conftest import ROOT
-
     from remoe.report import figures
 
     saved = {}
@@ -368,3 +367,49 @@ def test_figures_name_their_runs_with_integer_layer_and_expert_ticks(tmp_path, m
     assert dom["xticks"][0] == list(range(8)) and dom["xlabels"][0] == [str(e) for e in range(8)]
     assert saved["fig_layer_sparsity"]["xticks"][0] == [0, 1]
     assert saved["fig_scaling_experts"]["xlabels"][0] == ["4", "8", "16", "32"]
+
+
+def test_a_method_defined_outside_the_package_reaches_the_tables_with_no_report_edit(tmp_path):
+    """Issue 41: the report reads a run's standard setting and load balancing from summary.json (written by the
+    method's record()), never from method names: a method defined here, in a test file, with its own knob,
+    shows up in the routing-methods table at its standard setting only, and as load-balanced or not as it
+    says."""
+    from dataclasses import dataclass
+
+    from remoe.model import ModelConfig, build_method
+    from remoe.model.routing import METHODS, TopK
+    from remoe.report import tables
+    from remoe.report.collect import collect
+    from remoe.runs import RunSummary
+
+    class Jitter(TopK):
+        name = "jittertest"
+
+        @dataclass(frozen=True)
+        class Knobs(TopK.Knobs):
+            jitter: float = 0.0  # a knob no report code has heard of
+
+    try:
+        cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=2, ffn_hidden=64, vocab_size=64,
+                          routing="jittertest")
+        settings = {"std": {}, "jitter": {"jitter": 0.1}, "nolb": {"load_balancing": False}}
+        for label, knobs in settings.items():
+            rec = build_method(cfg, **knobs).record()
+            for seed in (1, 2):
+                d = tmp_path / f"{label}-{seed}"
+                d.mkdir()
+                s = RunSummary(status="completed", model="jittertest", size="tiny", seed=seed, steps=10,
+                               train_tokens=1000, val_loss=4.0 + seed / 100 + len(label) / 10).update(**rec)
+                (d / "summary.json").write_text(json.dumps(s.to_json()))
+        df = collect([str(tmp_path)]).runs
+        by = {label: df[df["run_dir"].str.contains(f"/{label}-")] for label in settings}
+        assert by["std"]["off_standard"].tolist() == ["", ""]
+        assert by["jitter"]["off_standard"].tolist() == ["jitter", "jitter"]
+        assert tables.load_balanced(df).tolist() == [r != "nolb" for r in
+                                                     df["run_dir"].map(lambda p: p.rsplit("/", 1)[1][:-2])]
+        table = tables.routing_methods(df)
+        ours = table[table["source"] != tables.paper.SETTING]
+        assert ours["model"].tolist() == ["jittertest"] and ours["n"].tolist() == [2]
+        assert ours["val_loss"].iloc[0].startswith("4.315")  # the standard runs' mean (4.31, 4.32), no other
+    finally:
+        METHODS.pop("jittertest", None)

@@ -16,32 +16,38 @@ MODEL_CONF = sorted((ROOT / "conf" / "model").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", MODEL_CONF, ids=lambda p: p.stem)
 def test_each_model_yaml_is_one_method_with_its_knobs(path):
-    """conf/model/<name>.yaml: `name` is a registered method; every other key is a ModelConfig field or an
-    argument of that method's constructor (so adding a method is a class + a yaml)."""
-    conf = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    bases = [d for d in conf.pop("defaults", []) if d != "_self_"]
-    if bases:  # a variant of one method's yaml (dense8: dense with an 8x wider FFN)
-        [base] = bases
-        conf = {**OmegaConf.to_container(OmegaConf.load(path.parent / f"{base}.yaml"), resolve=False), **conf}
-        assert conf["name"] == base
-    else:
-        assert conf["name"] == path.stem
-    name = conf["name"]
-    assert name in METHODS
+    """conf/model/<name>.yaml, as Hydra composes it: `name` is a registered method; every other key is a
+    ModelConfig field or a field of that method's Knobs, whose defaults come from the dataclass alone (the
+    yaml includes them from the ConfigStore: one definition), so adding a method is a class + a yaml."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from remoe.settings import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        conf = OmegaConf.to_container(compose("config", overrides=[f"model={path.stem}"]).model, resolve=True)
+    name = conf.pop("name")
+    assert name in METHODS and (name == path.stem or path.stem == "dense8")
+    cls = METHODS[name]
     arch = {f.name for f in fields(ModelConfig)}
-    knobs = {k: v for k, v in conf.items() if k != "name" and k not in arch}
-    cfg = preset("tiny", name, vocab_size=100,
-                 **{k: v for k, v in conf.items() if k in arch and not str(v).startswith("${")})
-    concrete = {k: v for k, v in knobs.items() if not str(v).startswith("${")}
-    method = build_method(cfg, **concrete)
-    assert method.name == name and method.moe == cfg.is_moe
+    knob_fields = {f.name: f.default for f in dataclasses.fields(cls.Knobs)}
+    knobs = {k: v for k, v in conf.items() if k not in arch}
+    assert set(knobs) == set(knob_fields)  # every knob, and nothing else, is in the composed model group
+    assert knobs == knob_fields  # at the dataclass defaults (load_balancing: the global switch, true)
+    raw = OmegaConf.load(path)
+    assert not set(raw) & (set(knob_fields) - {"load_balancing"}), "a knob default repeated in the yaml"
+    cfg = preset("tiny", name, vocab_size=100, **{k: v for k, v in conf.items() if k in arch})
+    method = build_method(cfg, **knobs)
+    assert method.name == name and method.moe == cfg.is_moe and method.knobs == cls.Knobs()
 
 
 def test_summary_fields_of_every_method_are_declared():
     from remoe.model import Transformer
 
     declared = set(RunSummary.keys())
-    for name, cls in METHODS.items():
+    for name in METHODS:
         cfg = preset("tiny", name, vocab_size=100)
         method = build_method(cfg)
         stats = RoutingStats(0, np.array([[512, 0, 0, 0, 0, 0, 0, 0]] * 2), np.array([4096, 4096]))

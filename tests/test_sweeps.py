@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST, ROOT
-from remoe.settings import register_resolvers, validate
 from remoe.runs import keep_records, read_summary
+from remoe.settings import register_resolvers, validate
 
 register_resolvers()
 SWEEPS = sorted(f"{p.parent.name}/{p.stem}" for p in (ROOT / "sweeps").glob("*/*.yaml"))

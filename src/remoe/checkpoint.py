@@ -35,6 +35,26 @@ from .cli import UsageError, first_line
 from .runs import remove_leftovers
 
 META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part (lightning.fabric.utilities.load)
+# The layout of what training adds to a checkpoint (hyper_parameters model/optim/routing, routing_state,
+# tokenizer). 1: the routing-method objects (commit 0290963 on); a checkpoint without the key is format 1 when
+# its model config names a routing method. Format 0 (commit a7cf893 and earlier: `router` in the model config,
+# knobs inside it, the controller at the top level) is refused in one line.
+FORMAT, FORMAT_KEY = 1, "remoe_format"
+
+
+def check_format(ckpt: dict, path: str) -> None:
+    """CheckpointError (one line, exit 2) unless `ckpt` (read_meta's dict) is in this code's format."""
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    model = hp.get("model") if isinstance(hp, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config inside)")
+    fmt = ckpt.get(FORMAT_KEY, 0 if "router" in model else 1)
+    if fmt != FORMAT:
+        older = isinstance(fmt, int) and fmt < FORMAT
+        raise CheckpointError(
+            f"checkpoint: {path!r} is in remoe checkpoint format {fmt!r}, this code reads format {FORMAT}"
+            + (" (format 0 was written before the routing-method objects, commit a7cf893 and earlier: load it "
+               "with that code)" if older else " (written by newer code)"))
 
 
 class CheckpointError(UsageError):
@@ -108,7 +128,7 @@ def open_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint: no such file {path!r}") from None
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint: {path!r} is a folder, not a checkpoint file") from None
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, zip errors ...
+    except Exception as e:
         raise CheckpointError(f"checkpoint: cannot read {path!r} (truncated, not a torch checkpoint, or it holds "
                               f"more than tensors and plain values: {type(e).__name__})") from None
 

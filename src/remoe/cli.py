@@ -122,7 +122,7 @@ def guard(main, prog: str):
         return main()
     except SystemExit:
         raise
-    except BaseException as e:  # noqa: BLE001 - every way out of an entry script is reported the same way
+    except BaseException as e:
         fail(e, prog)
 
 
@@ -136,7 +136,7 @@ def task(prog: str):
                 return fn(cfg)
             except SystemExit:
                 raise
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 fail(e, prog)
         return run
     return wrap

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .callbacks import NonFiniteError
+from .checkpoint import FORMAT, FORMAT_KEY
 from .model import ModelConfig, RoutingStats, Transformer, build_method
-from .model.config import split_legacy
 from .model.experts import GroupedExperts, SwiGLU
 from .model.stats import expert_share
 from .runs import RECIPE
@@ -113,16 +113,12 @@ class LitLM(L.LightningModule):
     def __init__(self, model: ModelConfig | dict, optim: dict, routing: dict | None = None,
                  routing_log_interval: int = 50, tokenizer_json: str | None = None):
         super().__init__()
-        if isinstance(model, ModelConfig):
-            self.cfg, legacy_knobs = model, {}
-        else:  # from a checkpoint's hyperparameters, possibly written before the routing-method objects
-            arch, legacy_knobs = split_legacy(model)
-            self.cfg = ModelConfig.from_dict(arch)
+        self.cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
         # plain containers only: checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({"model": self.cfg.to_dict(), "optim": dict(optim), "routing": routing,
                                    "routing_log_interval": routing_log_interval})
         self.model = Transformer(self.cfg)
-        self.routing = build_method(self.cfg, **(legacy_knobs if routing is None else routing))
+        self.routing = build_method(self.cfg, **(routing or {}))
         self.optim = dict(optim)
         self.routing_log_interval = routing_log_interval
         self.tokenizer_json = tokenizer_json  # goes into every checkpoint: checkpoints are self-contained
@@ -299,8 +295,7 @@ class LitLM(L.LightningModule):
         if self.tokenizer_json is not None:
             checkpoint["tokenizer"] = self.tokenizer_json
         checkpoint["routing_state"] = self.routing.state_dict()
+        checkpoint[FORMAT_KEY] = FORMAT
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # before the routing-method objects, ReMoE's controller was stored as checkpoint["lambda_controller"]
-        legacy = {k: checkpoint[k] for k in ("lambda_controller",) if k in checkpoint}
-        self.routing.load_state_dict(checkpoint.get("routing_state", legacy))
+        self.routing.load_state_dict(checkpoint["routing_state"])  # format checked before (checkpoint.check_format)

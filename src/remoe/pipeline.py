@@ -26,16 +26,29 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import plan, precision
 from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput, progress_bar
-from .checkpoint import checkpoint_io, remove_stale_partials
+from .checkpoint import CheckpointError, check_format, checkpoint_io, remove_stale_partials
 from .console import closing_line
 from .cpu import malloc_settings
 from .lit import LitLM, compile_blocks
-from .model import ModelConfig
-from .model.config import split_legacy
 from .loggers import CSVLogger
-from .runs import (RECIPE, RESUMABLE, RESUME_CHANGES, SUMMARY, RunFolderBusy, RunLock, RunSummary, git_commit,
-                   package_versions, read_config, read_resume_changes, read_summary, training_changes,
-                   write_json_atomic, write_text_atomic)
+from .model import ModelConfig
+from .runs import (
+    RECIPE,
+    RESUMABLE,
+    RESUME_CHANGES,
+    SUMMARY,
+    RunFolderBusy,
+    RunLock,
+    RunSummary,
+    git_commit,
+    package_versions,
+    read_config,
+    read_resume_changes,
+    read_summary,
+    training_changes,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -112,7 +125,7 @@ def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict
         step, why = int(read_meta(last)["global_step"]), None
     except FileNotFoundError:
         step, why = None, "none"
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: nothing to evaluate, as with none
+    except Exception as e:
         step, why = None, f"last.ckpt cannot be read: {type(e).__name__}"
     if step != done.get("steps"):
         log.warning("skip_completed: %s is complete but has no evaluation, and no checkpoint of its final step "
@@ -229,11 +242,16 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
         ckpt = read_meta(last)  # a file, or a sharded folder (trainer=fsdp)
         if is_sharded(last):
             read_sharded_metadata(last)  # its shards' index, read without running code
-        saved, step = split_legacy(ckpt["hyper_parameters"]["model"])[0], int(ckpt["global_step"])
-    except Exception as e:  # noqa: BLE001 - any reason a checkpoint cannot be read is reported the same way
+        step = int(ckpt["global_step"])
+    except Exception as e:
         reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
         raise ConfigError(f"resume: {last} cannot be loaded ({type(e).__name__}: {reason}); nothing in "
                           "the run folder was changed") from None
+    try:
+        check_format(ckpt, last)
+    except CheckpointError as e:  # another format: refused in one line, whole
+        raise ConfigError(f"resume: {e}; nothing in the run folder was changed") from None
+    saved = dict(ckpt["hyper_parameters"]["model"])
     _check_arch(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
     optim = ckpt["hyper_parameters"].get("optim") or {}
     changed = [f"optim.{k}={optim.get(k, v)!r} there, {cfg.optim.get(k, v)!r} here" for k, v in RECIPE.items()
@@ -381,7 +399,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
                          precision_choice={"requested": requested, **choice}, cpu=cpu,
                          git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
                          malloc=malloc_settings())
-    summary.update(**routing_method(cfg, mcfg).summary())  # the setting, also on a run that fails
+    summary.update(**routing_method(cfg, mcfg).record())  # the setting, also on a run that fails
     changes = (read_resume_changes(run_dir) if resume.path else []) + list(resume.changes)
     summary.update(resume_changes=changes or None)  # config_resolved.yaml holds this attempt's values
     if rank_zero_only.rank == 0 and resume.changes:
@@ -431,7 +449,7 @@ def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> 
             train_tokens=trainer.global_step * cfg.size.global_batch_size * cfg.size.seq_len,
             val_loss=float(val["val/loss"]), val_ppl=math.exp(float(val["val/loss"])),
             tokens_per_s=throughput.tokens_per_s, fit_time_s=fit_s, resumed_from=resume.path,
-            world_size=trainer.world_size, rank_states=lit.rank_states, **lit.routing.summary(),
+            world_size=trainer.world_size, rank_states=lit.rank_states, **lit.routing.record(),
         )
         if rank_zero_only.rank == 0 and completed_before:
             write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)

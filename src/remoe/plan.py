@@ -22,6 +22,7 @@ divides it by the world size, FSDP hybrid by the GPUs of a node. A GPU fits when
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,38 +44,45 @@ def _precision(precision: str) -> tuple[torch.dtype, int]:
 
 
 def measure(cfg: ModelConfig, seq_len: int, precision: str) -> dict:
-    """Per-token and per-pair activation bytes and FLOPs (forward + backward), measured on CPU."""
+    """Per-token and per-pair activation bytes and FLOPs (forward + backward), measured on CPU on one- and
+    two-block models of cfg's widths (a TopK FFN standing for any MoE: what a pair costs does not depend on the
+    router, nor on E or the depth, so grid points of one width share one measurement)."""
+    dtype, _ = _precision(precision)
+    base = dataclasses.replace(
+        cfg,
+        n_layer=1,
+        routing="topk" if cfg.is_moe else "dense",
+        experts=2,
+        topk=1,
+        granularity=cfg.granularity if cfg.is_moe else 1,
+        ffn_hidden=cfg.expert_ffn * (cfg.granularity if cfg.is_moe else 1),
+        capacity_factor=1.0,
+        score_func="sigmoid",
+        norm_topk_prob=None,
+    )
+    return dict(_measure(base, seq_len, torch.float32 if dtype == torch.float16 else dtype))  # CPU autocast: bf16 or none
+
+
+@functools.lru_cache(maxsize=16)
+def _measure(base: ModelConfig, seq_len: int, dtype: torch.dtype) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .bench.common import register_flop_formulas
 
     register_flop_formulas()
-    dtype, _ = _precision(precision)
-    dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU autocast: bf16 or none
 
     def run(n_layer: int, k: int, recompute: bool = False) -> tuple[int, int]:
-        E = max(2, k)
-        one = dataclasses.replace(
-            cfg,
-            n_layer=n_layer,
-            routing="topk" if cfg.is_moe else "dense",
-            experts=E,
-            topk=k,
-            granularity=cfg.granularity if cfg.is_moe else 1,
-            ffn_hidden=cfg.expert_ffn * (cfg.granularity if cfg.is_moe else 1),
-            capacity_factor=1.0,
-            score_func="sigmoid",
-            norm_topk_prob=None,
-        )
+        one = dataclasses.replace(base, n_layer=n_layer, experts=max(2, k), topk=k)
         torch.manual_seed(0)
         model = Transformer(one)
         for layer in model.moe_layers():
             layer.experts.recompute_above = 0.0 if recompute else None
-        ids = torch.randint(0, cfg.vocab_size, (1, seq_len + 1))
+        ids = torch.randint(0, base.vocab_size, (1, seq_len + 1))
         with FlopCounterMode(display=False) as fc:
             saved = saved_activation_bytes(model, ids, dtype)
         return saved, int(fc.get_total_flops())
 
+    cfg = base
     T = seq_len
     with torch.random.fork_rng():  # the caller's RNG state is untouched
         a1, f1 = run(1, 1)

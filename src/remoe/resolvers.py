@@ -1,5 +1,6 @@
-"""The config resolvers and run-mode defaults train.py needs before Hydra composes anything: kept free of
-torch and Lightning imports so that `train.py --help` starts in about a second (settings.py imports the rest)."""
+"""The config resolvers, the routing methods' knob defaults and run-mode defaults train.py needs before Hydra
+composes anything: kept free of torch and Lightning imports so that `train.py --help` starts in about a second
+(settings.py imports the rest)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def grid_slug(task_overrides=None) -> str:
 
 
 def register_resolvers() -> None:
+    """Everything conf/ needs from Python: the ${remoe_*:} resolvers and each routing method's knobs
+    (ConfigStore group _knobs, included by conf/model/<name>.yaml)."""
+    from .model.knobs import register_knob_configs
+
+    register_knob_configs()
     if not OmegaConf.has_resolver("remoe_slug"):
         OmegaConf.register_new_resolver("remoe_slug", slug)
     if not OmegaConf.has_resolver("remoe_grid"):

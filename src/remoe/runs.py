@@ -135,6 +135,10 @@ class RunSummary:
     score_func: str | None = _f(identity=True)  # aux-loss-free: sigmoid or softmax affinities
     norm_topk_prob: bool | None = _f(identity=True)  # aux-loss-free: gates normalised over the chosen k
     bias_update_rate: float | None = _f(identity=True)  # aux-loss-free: u in b_e += u sign(mean - load_e)
+    # what the report reads instead of method names (routing.RoutingMethod.record): the knobs and router
+    # options set away from the method's standard setting (its Knobs defaults), and load balancing on/off
+    off_standard: list | None = None
+    load_balanced: bool | None = None
     precision: str | None = _f(identity=True)  # trainer.precision as trained (auto resolved)
     precision_choice: dict | None = None  # how it was chosen: requested, reason, timings (remoe.precision)
     cpu: dict | None = None  # CPU model and the flags that decide bf16 speed
@@ -248,7 +252,7 @@ def read_config(run_dir: str) -> dict | None:
         out = OmegaConf.to_container(OmegaConf.load(path))
     except FileNotFoundError:
         return None
-    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's errors, unreadable bytes
+    except Exception as e:
         raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(out, dict):
         raise ValueError(f"{path} is not a config (a YAML mapping)")

@@ -117,7 +117,7 @@ def routing_syncs(device: str, size: str, precision: str, tokens: int = 512) -> 
         seq = min(cfg.max_seq_len, tokens)
         ids = torch.randint(0, 4096, (max(1, tokens // seq), seq + 1), device=dev)
 
-        def step():
+        def step(model=model, ids=ids, routing=routing):  # this method's, bound now
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = model(ids[:, :-1])
                 loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())

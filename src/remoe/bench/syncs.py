@@ -7,7 +7,8 @@ they are counted rather than timed. Two hooks, because `Tensor.tolist()` never r
 
   dispatcher level  aten._local_scalar_dense (.item(), int(t), float(t), bool(t)), nonzero (not
                     nonzero_static), bincount (CUDA sizes its output from the max), repeat_interleave
-                    with tensor repeats and no output_size (its aten.repeat_interleave.Tensor), masked_select, unique*, equal, is_nonzero,
+                    with tensor repeats and no output_size (its aten.repeat_interleave.Tensor), masked_select, unique*,
+                    equal, is_nonzero,
                     indexing with a boolean mask (aten.index / index_put with a bool index);
   Python level      Tensor.tolist() and Tensor.numpy() (a device-to-host copy on a GPU).
 

@@ -182,7 +182,7 @@ def documents_of(pin: Pin, data: bytes) -> Iterator[dict]:
         text = raw.decode("utf-8", errors="replace")
         if pin.kind == "html":
             text = html_text(text)
-        if len(text) < MIN_CHARS or re.search(r"\S{%d}" % (MAX_RUN + 1), text):
+        if len(text) < MIN_CHARS or re.search(rf"\S{{{MAX_RUN + 1}}}", text):
             continue
         yield {"text": text, "domain": "code" if pin.kind == "py" else "prose", "source": pin.package,
                "doc_id": f"{pin.package}/{path}"}

@@ -29,8 +29,15 @@ def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer, dict]:
     (missing, truncated, foreign, crafted to run code, weights of another architecture) is a CheckpointError
     (a ValueError) whose one line names the file; nothing in it is executed (remoe.checkpoint), and no model
     is built whose size the stored weights do not match."""
-    from ..checkpoint import (CheckpointError, check_shapes, is_sharded, load_state_dict, open_checkpoint,
-                              stored_shapes)
+    from ..checkpoint import (
+        CheckpointError,
+        check_format,
+        check_shapes,
+        is_sharded,
+        load_state_dict,
+        open_checkpoint,
+        stored_shapes,
+    )
 
     ckpt = open_checkpoint(path)  # a file, or a sharded folder's meta.pt (trainer=fsdp)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
@@ -38,8 +45,9 @@ def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer, dict]:
             and (isinstance(ckpt.get("state_dict"), dict) or is_sharded(path))):
         raise CheckpointError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
                               "tokenizer inside)")
+    check_format(ckpt, path)
     try:
-        cfg = ModelConfig.from_dict(hp["model"])  # reads old checkpoints' model dicts too
+        cfg = ModelConfig.from_dict(hp["model"])
         check_shapes(cfg, stored_shapes(path, ckpt))
         model = Transformer(cfg)
         weights = load_state_dict(path, {f"model.{k}": v for k, v in model.state_dict().items()})
@@ -171,7 +179,7 @@ class RemoeLM(TemplateLM):
             max_new = int(gen_kwargs.get("max_gen_toks", 64))
             ids = self.tok_encode(context)[-(self.max_length - 1) :]
             new = greedy_decode(self._logprobs, ids, max_new, self.max_length, eos=self.eot_token_id,
-                                stop=lambda new: any(s in self.tok_decode(new) for s in until))
+                                stop=lambda new, until=until: any(s in self.tok_decode(new) for s in until))
             text = self.tok_decode(new)
             for s in until:
                 text = text.split(s)[0]

@@ -147,7 +147,7 @@ def data_module_from_record(resolved: str):
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(resolved), resolve=False).get("data")
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign YAML file
+    except Exception as e:
         raise CheckpointError(f"checkpoint: {resolved} cannot be read ({type(e).__name__})") from None
     target = data.pop("_target_", "remoe.data.LMDataModule") if isinstance(data, dict) else None
     if target not in ("remoe.data.LMDataModule", "remoe.data.datamodule.LMDataModule") or any(

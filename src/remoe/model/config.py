@@ -161,25 +161,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """From to_dict(); also reads the model dict of checkpoints written before the routing methods
-        (router None/"topk"/"relu" + training knobs inside): see `split_legacy`."""
-        arch, _ = split_legacy(d)
-        unknown = set(arch) - {f.name for f in fields(cls)}
+        """From to_dict() (a checkpoint's hyper_parameters["model"], an exported config's "remoe")."""
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**arch)
-
-
-# Checkpoints before the routing-method objects stored the method as `router` and its training knobs in
-# the model config. They still load: the router name maps to the method, the knobs come back separately.
-LEGACY_ROUTER = {None: "dense", "topk": "topk", "relu": "remoe"}
-LEGACY_KNOBS = ("aux_loss_coef", "regularizer", "lambda0", "alpha", "warmup_topk", "warmup_steps")
-
-
-def split_legacy(d: dict) -> tuple[dict, dict]:
-    """(architecture fields, routing-method knobs) of a stored model dict, old or new."""
-    d = dict(d)
-    if "router" in d:
-        d["routing"] = LEGACY_ROUTER[d.pop("router")]
-    knobs = {k: d.pop(k) for k in LEGACY_KNOBS if k in d}
-    return d, knobs
+        return cls(**d)

@@ -20,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .dispatch import Routing, pad_groups
 
-
 _GMM_BROKEN: set = set()  # (device type, dtype, kind) where torch._grouped_mm raised: use the loop
 
 

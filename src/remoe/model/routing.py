@@ -7,28 +7,36 @@ loss (per layer, then combined over layers), holds the loss coefficient and any 
 state, and names what it adds to the logs and to summary.json. The transformer, the LightningModule and
 the pipeline call this interface and never compare a method's name.
 
-Adding a method: a subclass with a new `name` here (it registers itself in METHODS), a
-conf/model/<name>.yaml whose keys are ModelConfig fields (architecture) or the class's __init__
-arguments (training knobs), and tests (a float64 naive reference for outputs and every gradient).
+Each method declares its training knobs once, as a frozen dataclass (knobs.py: defaults = the method's
+standard setting; Hydra's model group gets them from it too), and says what the report reads instead of
+its name: summary.json `off_standard` (the knobs and router options a run sets away from their defaults)
+and `load_balanced`.
+
+Adding a method: a subclass with a new `name` here (it registers itself in METHODS), its knobs dataclass
+(knobs.py, `method="<name>"`) if it has any, a conf/model/<name>.yaml (`defaults: [/_knobs/<name>@_here_,
+_self_]` when it has knobs, then ModelConfig fields), and tests (a float64 naive reference for outputs and
+every gradient).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from .config import ConfigFieldError
+from .config import ConfigFieldError, ModelConfig
 from .experts import SwiGLU
+from .knobs import AuxFreeKnobs, Knobs, ReMoEKnobs, TopKKnobs
 from .moe import MoELayer
 from .regularizers import LAMBDA_FLOOR, LambdaController, l1_loss, lb_l1_loss, switch_aux_loss
 from .routers import AuxFreeRouter, ExpertChoiceRouter, HashRouter, ReLURouter, TopKRouter
 from .stats import RoutingStats
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
     from .transformer import ModelOutput, Transformer
 
 METHODS: dict[str, type[RoutingMethod]] = {}
@@ -62,8 +70,14 @@ def tail_length(n: int, frac: float = 0.1, cap: int = TAIL) -> int:
     return max(1, min(cap, int(n * frac)))
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)  # null in summary.json, NaN in a report's table
+
+
 class RoutingMethod:
     """The interface, and the dense FFN's (trivial) implementation of it: no router, no loss, no state."""
+
+    Knobs: ClassVar[type[Knobs]] = Knobs
 
     name: ClassVar[str]
     moe: ClassVar[bool] = True  # the FFN is an MoE layer (routing statistics exist)
@@ -77,12 +91,16 @@ class RoutingMethod:
         if "name" in cls.__dict__:
             METHODS[cls.name] = cls
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, knobs: Knobs | None = None, **values):
+        """`knobs`, or its fields as keyword arguments (build_method names an unknown one)."""
         if cfg.routing != self.name:
             raise ValueError(f"routing method {self.name!r} given a model config for {cfg.routing!r}")
         self.cfg = cfg
+        self.knobs = knobs if knobs is not None else self.Knobs(**values)
         self.sparsity_history: list[float] = []  # S_i of every optimizer step (checkpointed)
-        self.history_start = 0  # global step of sparsity_history[0] (> 0 only after a legacy resume)
+        # global step of sparsity_history[0]: > 0 after resuming a format-1 checkpoint written before bc4556f,
+        # which did not hold the history
+        self.history_start = 0
         self.layer_tail: list[list[float]] = []  # experts per token of each layer, the last TAIL steps
         self.warned: set[int] = set()  # layers already reported as collapsing
         self.said_recovered: set[int] = set()  # warned layers reported as recovered at the end
@@ -178,11 +196,44 @@ class RoutingMethod:
                 **self.layer_summary()}
 
 
+    # ---- what the report reads: the standard setting and load balancing --------------------------
+    @classmethod
+    def standard(cls) -> dict[str, Any]:
+        """The method's standard setting: each knob's default and each router option's (ModelConfig) default.
+        An option whose default is null is derived from other fields (auxfree's norm_topk_prob: on iff
+        k*G > 1) and defines no setting of its own."""
+        arch = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.name in cls.arch_options and f.default is not None}
+        return {**{f.name: f.default for f in dataclasses.fields(cls.Knobs)}, **arch}
+
+    @classmethod
+    def off_standard(cls, values: Mapping[str, Any]) -> list[str]:
+        """The knobs and options `values` (a run's settings or its summary.json) set away from the standard
+        setting. A value a record lacks (null: written before the knob existed) was the default."""
+        return [k for k, v in cls.standard().items() if not _missing(values.get(k)) and values.get(k) != v]
+
+    @classmethod
+    def load_balanced(cls, values: Mapping[str, Any]) -> bool | None:
+        """Whether a run with these settings (summary.json fields) has a load-balancing mechanism on; None
+        for a dense FFN."""
+        return False if cls.moe else None
+
+    def record(self) -> dict:
+        """Everything this method writes into summary.json: summary(), then off_standard and load_balanced
+        of this run's knobs and router options (the summary's effective values, e.g. TopK's aux_loss_coef 0
+        under load_balancing=false, over the knobs as given)."""
+        summary = self.summary()
+        values = {**dataclasses.asdict(self.knobs), **{o: getattr(self.cfg, o) for o in self.arch_options},
+                  **summary}
+        return {**summary, "off_standard": self.off_standard(values), "load_balanced": self.load_balanced(values)}
+
+
 class Dense(RoutingMethod):
     """The dense LLaMA FFN (SwiGLU), optionally ffn_mult times wider ("Dense xM")."""
 
     name = "dense"
     moe = False
+    arch_options = ("ffn_mult",)  # standard: 1 (the paper's "Dense"); 8 is its "Dense x8"
 
     @classmethod
     def build_ffn(cls, cfg: ModelConfig) -> nn.Module:
@@ -197,19 +248,21 @@ class TopK(RoutingMethod):
     name = "topk"
     loss_name = "aux_loss"
 
-    def __init__(self, cfg: ModelConfig, aux_loss_coef: float = 1e-2, load_balancing: bool = True,
-                 warmup_topk: int | None = None, warmup_steps: int = 0):
-        super().__init__(cfg)
-        if not aux_loss_coef >= 0:
-            raise ConfigFieldError("aux_loss_coef", f"must be >= 0 (got {aux_loss_coef!r})")
-        if warmup_topk is not None and not cfg.topk <= warmup_topk <= cfg.experts:
+    Knobs = TopKKnobs
+
+    def __init__(self, cfg: ModelConfig, knobs: Knobs | None = None, **values):
+        super().__init__(cfg, knobs, **values)
+        kn = self.knobs
+        if kn.warmup_topk is not None and not cfg.topk <= kn.warmup_topk <= cfg.experts:
             raise ConfigFieldError("warmup_topk",
-                                   f"must be in [topk, experts={cfg.experts}] (got {warmup_topk!r})")
-        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
-            raise ConfigFieldError("warmup_steps", f"must be an int >= 0 (got {warmup_steps!r})")
-        self.aux_loss_coef = float(aux_loss_coef) if load_balancing else 0.0  # LB ablation: no aux loss
-        self.warmup_topk, self.warmup_steps = warmup_topk, warmup_steps
+                                   f"must be in [topk, experts={cfg.experts}] (got {kn.warmup_topk!r})")
+        self.aux_loss_coef = float(kn.aux_loss_coef) if kn.load_balancing else 0.0  # LB ablation: no aux loss
+        self.warmup_topk, self.warmup_steps = kn.warmup_topk, kn.warmup_steps
         self.k = cfg.n_active  # k*G now (the warm-up raises it)
+
+    @classmethod
+    def load_balanced(cls, values: Mapping[str, Any]) -> bool:
+        return not _missing(values.get("aux_loss_coef")) and values["aux_loss_coef"] > 0
 
     @classmethod
     def build_router(cls, cfg: ModelConfig) -> nn.Module:
@@ -250,23 +303,25 @@ class ReMoE(RoutingMethod):
     progress_bar = ("train/sparsity",)
     REGULARIZERS = {"lb_l1": lb_l1_loss, "l1": lambda gates, k: l1_loss(gates)}
 
-    def __init__(self, cfg: ModelConfig, regularizer: str = "lb_l1", lambda0: float = 1e-8,
-                 alpha: float = 1.2, load_balancing: bool = True, lambda_per_layer: bool = False):
-        super().__init__(cfg)
-        if regularizer not in self.REGULARIZERS:
+    Knobs = ReMoEKnobs
+
+    def __init__(self, cfg: ModelConfig, knobs: Knobs | None = None, **values):
+        super().__init__(cfg, knobs, **values)
+        kn = self.knobs
+        if kn.regularizer not in self.REGULARIZERS:
             raise ConfigFieldError("regularizer",
-                                   f"choose one of {sorted(self.REGULARIZERS)} (got {regularizer!r})")
-        if not lambda0 >= LAMBDA_FLOOR:
+                                   f"choose one of {sorted(self.REGULARIZERS)} (got {kn.regularizer!r})")
+        if not kn.lambda0 >= LAMBDA_FLOOR:
             raise ConfigFieldError("lambda0", f"must be >= {LAMBDA_FLOOR:.3g}, float32's smallest normal "
-                                   f"number (got {lambda0!r})")
-        if not alpha > 1:
-            raise ConfigFieldError("alpha", f"must be > 1 (got {alpha!r})")
-        if not isinstance(lambda_per_layer, bool):
-            raise ConfigFieldError("lambda_per_layer", f"must be true or false (got {lambda_per_layer!r})")
-        self.regularizer = regularizer if load_balancing else "l1"  # LB ablation: plain L1
-        self.lambda0, self.alpha, self.per_layer = float(lambda0), float(alpha), lambda_per_layer
-        n = cfg.n_layer if lambda_per_layer else 1
-        self.controllers = [LambdaController(cfg.target_sparsity, lambda0, alpha) for _ in range(n)]
+                                   f"number (got {kn.lambda0!r})")
+        self.regularizer = kn.regularizer if kn.load_balancing else "l1"  # LB ablation: plain L1
+        self.lambda0, self.alpha, self.per_layer = float(kn.lambda0), float(kn.alpha), kn.lambda_per_layer
+        n = cfg.n_layer if kn.lambda_per_layer else 1
+        self.controllers = [LambdaController(cfg.target_sparsity, kn.lambda0, kn.alpha) for _ in range(n)]
+
+    @classmethod
+    def load_balanced(cls, values: Mapping[str, Any]) -> bool:
+        return values.get("regularizer") == "lb_l1"
 
     @property
     def controller(self) -> LambdaController:
@@ -366,6 +421,10 @@ class ExpertChoice(RoutingMethod):
     arch_options = ("capacity_factor",)
 
     @classmethod
+    def load_balanced(cls, values: Mapping[str, Any]) -> bool:
+        return True  # every expert takes C tokens by construction
+
+    @classmethod
     def build_router(cls, cfg: ModelConfig) -> nn.Module:
         return ExpertChoiceRouter(cfg.d_model, cfg.n_experts, cfg.n_active, cfg.capacity_factor)
 
@@ -383,12 +442,16 @@ class AuxFree(RoutingMethod):
     name = "auxfree"
     arch_options = ("score_func", "norm_topk_prob")
 
-    def __init__(self, cfg: ModelConfig, bias_update_rate: float = 1e-3, load_balancing: bool = True):
-        super().__init__(cfg)
-        if not bias_update_rate >= 0:
-            raise ConfigFieldError("bias_update_rate", f"must be >= 0 (got {bias_update_rate!r})")
-        self.bias_update_rate = float(bias_update_rate) if load_balancing else 0.0  # LB ablation: no bias
+    Knobs = AuxFreeKnobs
+
+    def __init__(self, cfg: ModelConfig, knobs: Knobs | None = None, **values):
+        super().__init__(cfg, knobs, **values)
+        self.bias_update_rate = float(self.knobs.bias_update_rate) if self.knobs.load_balancing else 0.0
         self.bias: torch.Tensor | None = None  # (L, E) after the latest update (the model's buffers hold it)
+
+    @classmethod
+    def load_balanced(cls, values: Mapping[str, Any]) -> bool:
+        return not _missing(values.get("bias_update_rate")) and values["bias_update_rate"] > 0
 
     @classmethod
     def build_router(cls, cfg: ModelConfig) -> nn.Module:
@@ -420,10 +483,8 @@ class AuxFree(RoutingMethod):
 def build_method(cfg: ModelConfig, **knobs) -> RoutingMethod:
     """The routing method object of a model config, with its training knobs; a bad or unknown knob
     raises ConfigFieldError naming it."""
-    import inspect
-
     cls = METHODS[cfg.routing]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "cfg"}
+    accepted = {f.name for f in dataclasses.fields(cls.Knobs)}
     unknown = sorted(set(knobs) - accepted)
     if unknown:
         raise ConfigFieldError(unknown[0], f"not an option of routing method {cfg.routing!r} "

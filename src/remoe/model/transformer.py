@@ -4,7 +4,8 @@ Pre-norm blocks: RMSNorm -> causal GQA attention with RoPE -> residual; RMSNorm 
 The FFN is built by the config's routing method: a SwiGLU (dense, optionally ffn_mult x wider) or an
 MoELayer with the method's router. No biases, no dropout, untied embedding and head, weights initialised
 N(0, init_std) except each block's output projections (attention wo, FFN/expert W2) at init_std/sqrt(2 L)
-as the official Megatron code does (scaled_output_init; off: all at init_std). The forward returns the logits and every MoE layer's router output (gates),
+as the official Megatron code does (scaled_output_init; off: all at init_std). The forward returns the logits and
+every MoE layer's router output (gates),
 from which the routing method computes its loss and the analyses read the routing.
 """
 

@@ -11,9 +11,9 @@ import re
 import shutil
 import tempfile
 
-from . import figures, tables
 from ..cli import UsageError
 from ..runs import RECIPE, RunSummary
+from . import figures, tables
 from .collect import collect, short_path
 from .provenance import provenance
 from .stats import RULES

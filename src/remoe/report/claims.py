@@ -13,8 +13,7 @@ from . import paper
 from .collect import inactive_cells, routing_share, short_path
 from .provenance import pair_key
 from .stats import Verdict, all_of, clear_gap, compare, family, t_test, trend
-from .tables import (LB_KNOBS, STD, _standard, identity_keys, load_balanced, off_recipe, paper_point,
-                     variant)
+from .tables import LB_KNOBS, _standard, at_standard, identity_keys, load_balanced, off_recipe, paper_point, variant
 
 
 def _ms(v: pd.Series, digits: int = 4) -> str:
@@ -82,7 +81,7 @@ def inactive_experts(run_dir: str) -> int | None:
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
     df = _with_pairs(df)
-    moe = df[df["model"].notna() & (df["model"] != "dense")].copy()
+    moe = df[df["model"].notna() & df["experts"].notna()].copy()  # every MoE run
     moe["inactive"] = [inactive_experts(d) for d in moe["run_dir"]]
     moe = moe.dropna(subset=["inactive"])
     if moe.empty:
@@ -163,9 +162,7 @@ def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
     remoe = df[df["model"] == "remoe"]
     if "lambda_per_layer" not in remoe or not len(remoe):
         return []
-    knobs = paper_point(remoe)
-    for k in ("regularizer", "lambda0", "alpha"):  # the standard ReMoE knobs but the controller's scope
-        knobs &= remoe[k] == STD[k]
+    knobs = paper_point(remoe) & at_standard(remoe, but=("lambda_per_layer",))  # standard but its scope
     per, glob_ = remoe[knobs & (remoe["lambda_per_layer"] == True)], _e8(df, "remoe")  # noqa: E712
     if not (len(per) and len(glob_)):
         return []

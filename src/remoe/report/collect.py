@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..model.routing import METHODS
 from ..model.stats import expert_share
 from ..runs import SUMMARY, RunSummary
 
@@ -84,12 +85,25 @@ def collect(roots: list[str]) -> Collection:
             continue
         row = _flatten(RunSummary.from_json(s).to_json())  # every declared field a column (null if absent)
         row["run_dir"] = d
-        rows.append(row)
+        rows.append(describe(row))
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values(["model", "size", "experts", "granularity", "seed", "run_dir"],
                             na_position="first", kind="mergesort").reset_index(drop=True)
     return Collection(df, skipped)
+
+
+def describe(row: dict) -> dict:
+    """A report row with off_standard and load_balanced: from the run's method (routing.METHODS) for a record
+    written before summary.json held them; a method this code does not know leaves them null."""
+    method = METHODS.get(row.get("model"))
+    if method is None:
+        return row
+    if row.get("off_standard") is None:  # as _flatten writes a list: its items joined by spaces
+        row["off_standard"] = " ".join(method.off_standard(row))
+    if row.get("load_balanced") is None:
+        row["load_balanced"] = method.load_balanced(row)
+    return row
 
 
 def _array(x, ndim: int) -> np.ndarray:

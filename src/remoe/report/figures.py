@@ -11,12 +11,12 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from ..model.stats import expert_share  # noqa: E402
-from .collect import inactive_cells, read_analysis, read_jsonl, read_metrics, routing_share  # noqa: E402
+from ..model.stats import expert_share
+from .collect import inactive_cells, read_analysis, read_jsonl, read_metrics, routing_share
 
 COLORS = {"dense": "tab:gray", "topk": "tab:blue", "remoe": "tab:red"}
 

@@ -17,16 +17,9 @@ from . import paper
 TASK_METRIC = {"remoe_cloze": "acc", "remoe_choice": "acc", **{t: "acc" for t in paper.TASKS}}
 TASK_LABEL = {"remoe_cloze": "Cloze", "remoe_choice": "Choice", "arc_challenge": "ARC-c", "arc_easy": "ARC-e",
               "boolq": "BoolQ", "hellaswag": "HellaSwag", "lambada_openai": "LAMBADA", "piqa": "PIQA", "race": "RACE"}
-STD = dict(regularizer="lb_l1", aux_loss_coef=0.01, lambda0=1e-8, alpha=1.2)
-# Each method's standard setting (the paper's / the method's defaults); runs with other values are sweeps
-# (lambda0=1, no load balancing, ...) and appear only in their own tables. A method not listed has none.
-STANDARD = {"dense": dict(ffn_mult=1),
-            "topk": dict(aux_loss_coef=STD["aux_loss_coef"]),
-            "remoe": dict(regularizer=STD["regularizer"], lambda0=STD["lambda0"], alpha=STD["alpha"],
-                          lambda_per_layer=False),
-            "ec": dict(capacity_factor=1.0),
-            "auxfree": dict(score_func="sigmoid", bias_update_rate=1e-3)}
-
+# A run's standard setting and load balancing are its method's to say (routing.RoutingMethod.record writes
+# off_standard and load_balanced into summary.json; collect fills them for older records): the report never
+# names a method's knobs.
 
 def tasks_in(df: pd.DataFrame) -> list[str]:
     order = list(TASK_LABEL)
@@ -85,41 +78,35 @@ def variant(df: pd.DataFrame) -> pd.Series:
 
 
 def _standard(df: pd.DataFrame, model: str, but: tuple[str, ...] = ()) -> pd.Series:
-    """Runs of `model` at its STANDARD knobs (all but those named in `but`: a sweep's axis) and the paper's
-    RECIPE (a knob a run's summary lacks, from before it existed, counts as its default only for
-    lambda_per_layer)."""
+    """Runs of `model` at its standard setting (off_standard: nothing, or only the knobs named in `but`: a
+    sweep's axis) and the paper's RECIPE."""
     m = (df["model"] == model) & (variant(df) == df["model"])
-    for col, value in STANDARD.get(model, {}).items():
-        if col in but:
-            continue
-        have = df[col] if col in df else pd.Series(None, index=df.index, dtype=object)
-        if col == "lambda_per_layer":
-            have = have.fillna(False)
-        m &= have == value
-    return m
+    return m & at_standard(df, but)
 
 
-# The knobs that turn a method's load balancing on or off (load_balanced reads them); runs with and without
-# load balancing are compared only where every other identity field is equal
+def at_standard(df: pd.DataFrame, but: tuple[str, ...] = ()) -> pd.Series:
+    """Runs whose method says they set nothing but `but` away from its standard setting (off_standard, the
+    knob names joined by spaces; null where the method is unknown to this code: never standard)."""
+    off = df["off_standard"] if "off_standard" in df else pd.Series(None, index=df.index, dtype=object)
+    return off.map(lambda o: isinstance(o, str) and set(o.split()) <= set(but)).astype(bool)
+
+
+# The knobs that turn a method's load balancing on or off; runs with and without load balancing are compared
+# only where every other identity field is equal
 LB_KNOBS = ("regularizer", "aux_loss_coef", "bias_update_rate")
 
 
 def load_balanced(df: pd.DataFrame) -> pd.Series:
-    """Runs with a load-balancing mechanism on: ReMoE's LB-L1, TopK's aux loss, the aux-loss-free bias, and
-    Expert Choice (every expert takes C tokens by construction). Hash routing has none."""
-    col = lambda c: df[c] if c in df else pd.Series(None, index=df.index, dtype=float)  # noqa: E731
-    return ((df["model"] == "remoe") & (col("regularizer") == "lb_l1")) | \
-        ((df["model"] == "topk") & (col("aux_loss_coef").fillna(0) > 0)) | \
-        ((df["model"] == "auxfree") & (col("bias_update_rate").fillna(0) > 0)) | (df["model"] == "ec")
+    """Runs with a load-balancing mechanism on, as their method says (summary.json load_balanced): ReMoE's
+    LB-L1, TopK's aux loss, the aux-loss-free bias, Expert Choice by construction; not Hash routing."""
+    lb = df["load_balanced"] if "load_balanced" in df else pd.Series(None, index=df.index, dtype=object)
+    return lb.map(lambda v: v is True or v == 1.0).astype(bool)
 
 
 def standard_moe(df: pd.DataFrame) -> pd.Series:
-    """Every MoE method's runs at its standard knobs."""
-    m = pd.Series(False, index=df.index)
-    for model in df["model"].dropna().unique():
-        if model != "dense":
-            m |= _standard(df, model)
-    return m
+    """Every MoE method's runs at its standard setting."""
+    moe = df["experts"].notna() if "experts" in df else pd.Series(False, index=df.index)
+    return moe & (variant(df) == df["model"]) & at_standard(df)
 
 
 def fmt(mean: float, std: float, n: int, digits: int) -> str:
@@ -238,7 +225,8 @@ def scaling(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
 
 
 def lb_ablation(df: pd.DataFrame) -> pd.DataFrame | None:
-    remoe = (df["model"] == "remoe") & (df["lambda0"] == STD["lambda0"]) & (df["alpha"] == STD["alpha"])
+    # ReMoE and TopK at their standard settings but the load balancing (on or off: the ablation's axis)
+    remoe = (df["model"] == "remoe") & at_standard(df, but=LB_KNOBS + ("lambda_per_layer",))
     topk = df["model"] == "topk"
     sel = df[(remoe | topk) & paper_point(df)].copy()
     sel["LB"] = load_balanced(sel).map({True: "yes", False: "no"})
@@ -253,8 +241,9 @@ def lb_ablation(df: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def sensitivity(df: pd.DataFrame, param: str) -> pd.DataFrame | None:
-    other = "alpha" if param == "lambda0" else "lambda0"
-    sel = df[(df["model"] == "remoe") & (df[other] == STD[other]) & (df["regularizer"] == "lb_l1")]
+    # ReMoE runs at its standard setting but `param` (the sweep's axis); lambda_per_layer and the recipe
+    # are not checked (a table of the controller's knobs)
+    sel = df[(df["model"] == "remoe") & at_standard(df, but=(param, "lambda_per_layer"))]
     if sel.empty or sel[param].nunique() < 2:
         return None
     out = aggregate(sel, ["size", "experts", param], {"val_loss": 4, "settling_step": 1}, _ours(sel))
