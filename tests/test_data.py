@@ -92,3 +92,29 @@ def test_the_batch_order_is_a_function_of_seed_corpus_and_data_code_only(cache_d
         assert batches("seed=7", *other) == ref, other
     assert batches("seed=8") != ref and len(set(batches("seed=8")) & set(ref)) <= 1
     assert batches("seed=7", resume_at=5) == ref[5:]
+
+
+def test_stdlib_documents_are_cached_under_a_key_of_the_files(tmp_path):
+    """A run start loads the stdlib corpus from the cache (parsing ~730 files took 3-7 s each time); the
+    cached documents equal the generator's, and a changed file, max_chars or a new file gives a new entry."""
+    import os
+
+    from remoe.data.corpus import stdlib_key
+    from remoe.data.datamodule import cached_stdlib_documents
+
+    root = tmp_path / "lib"
+    (root / "pkg").mkdir(parents=True)
+    (root / "a.py").write_text('"""A module docstring long enough to count as prose here."""\nx = 1\n')
+    (root / "pkg" / "b.py").write_text("def f():\n    return 2\n")
+    cache = str(tmp_path / "cache")
+    first = cached_stdlib_documents(cache, root=str(root))
+    assert first.to_list() == list(stdlib_documents(root=str(root)))
+    key = stdlib_key(root=str(root))
+    assert cached_stdlib_documents(cache, root=str(root)).to_list() == first.to_list()
+    assert stdlib_key(max_chars=10, root=str(root)) != key
+    (root / "pkg" / "b.py").write_text("def f():\n    return 3\n")  # same size, new content and time
+    os.utime(root / "pkg" / "b.py", ns=(1, 1))
+    assert stdlib_key(root=str(root)) != key
+    assert "return 3" in cached_stdlib_documents(cache, root=str(root))["text"][-1]
+    (root / "c.py").write_text("y = 2\n")
+    assert len(cached_stdlib_documents(cache, root=str(root))) == len(first) + 1

@@ -217,11 +217,12 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     """`report.py --keep-records` copies completed runs' compact records (no checkpoints) and never
     replaces one already kept; a report from the records equals the report from the runs."""
     import json
+    import lzma
     import subprocess
     import sys
 
     from conftest import ROOT
-    from remoe.runs import RECORD_FILES, keep_records
+    from remoe.runs import COMPRESSED, RECORD_FILES, keep_records
 
     src = tmp_path / "src"
     shutil.copytree(tiny_sweep, src, ignore=shutil.ignore_patterns("wandb"))
@@ -231,8 +232,11 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     kept = keep_records(str(src), str(tmp_path / "records"))
     assert len(kept) == 5 and not any(Path(k).name == failed.name and Path(k).parent.name == failed.parent.name
                                       for k in kept)
+    stored = {n + ".xz" if n in COMPRESSED else n for n in RECORD_FILES}  # the large files xz-compressed
     for k in kept:
-        assert {p.name for p in Path(k).iterdir()} <= set(RECORD_FILES) and (Path(k) / "metrics.csv").exists()
+        assert {p.name for p in Path(k).iterdir()} <= stored and (Path(k) / "metrics.csv.xz").exists()
+        live = src / Path(k).relative_to(tmp_path / "records")
+        assert lzma.decompress((Path(k) / "metrics.csv.xz").read_bytes()) == (live / "metrics.csv").read_bytes()
     marker = Path(kept[0]) / "summary.json"
     marker.write_text(marker.read_text() + " ")
     assert keep_records(str(src), str(tmp_path / "records")) == [] and marker.read_text().endswith(" ")

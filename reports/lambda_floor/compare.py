@@ -5,13 +5,13 @@ import json
 import sys
 
 import numpy as np
-import pandas as pd
 
 from remoe.model import LAMBDA_FLOOR
+from remoe.report.collect import read_metrics  # metrics.csv, or a kept record's metrics.csv.xz
 
 
 def load(run_dir):
-    m = pd.read_csv(f"{run_dir}/metrics.csv")
+    m = read_metrics(run_dir)
     steps = m[m["train/lambda"].notna()][["step", "train/lambda", "train/sparsity", "train/loss"]]
     return steps.set_index("step"), json.load(open(f"{run_dir}/summary.json"))
 

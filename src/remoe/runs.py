@@ -21,6 +21,36 @@ SUMMARY = "summary.json"
 # checkpoints, no logs). expert_similarity.json exists only where the small-scale study computed it.
 RECORD_FILES = (SUMMARY, "config_resolved.yaml", "metrics.csv", "routing.jsonl", "flips.jsonl",
                 "routing_analysis.json", "expert_similarity.json")
+# Kept records (keep_records) store these xz-compressed as <name>.xz (metrics.csv is ~90% of a record; xz: 3.8x
+# on it, gzip 3.1x); the report reads either form (record_file).
+COMPRESSED, PACKED = ("metrics.csv", "routing.jsonl", "flips.jsonl", "routing_analysis.json"), ".xz"
+
+
+def record_file(run_dir: str, name: str) -> str | None:
+    """The path of a run's record file `name`, or of its compressed copy `name`.xz; None if neither exists."""
+    for path in (os.path.join(run_dir, name), os.path.join(run_dir, name + PACKED)):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def open_record(path: str):
+    """A record file opened for reading text, a .xz one decompressed."""
+    import lzma
+
+    return lzma.open(path, "rt", encoding="utf-8") if path.endswith(PACKED) else open(path, encoding="utf-8")
+
+
+def compress_file(src: str, dest: str) -> None:
+    """xz-compress `src` into `dest` (deterministic: the same bytes give the same file), written beside it and
+    renamed into place."""
+    import lzma
+    import shutil
+
+    tmp = dest + ".partial"
+    with open(src, "rb") as f, lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as out:
+        shutil.copyfileobj(f, out)
+    os.replace(tmp, dest)
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "wandb", "lm_eval", "datasets", "tokenizers",
             "remoe")
 
@@ -269,10 +299,11 @@ def read_resume_changes(run_dir: str) -> list[dict]:
 
 
 def keep_records(src_root: str, dest_root: str) -> list[str]:
-    """Copy the compact record (RECORD_FILES) of every COMPLETED run under src_root to the same relative
-    folder under dest_root. A record already there is left as it is (never overwritten); one that trained
-    another setting (training_changes) is a ValueError before anything is copied: records of two studies
-    never mix under one name. A run that is not completed is not copied. Returns the folders written."""
+    """Copy the compact record (RECORD_FILES; those in COMPRESSED as <name>.xz) of every COMPLETED run
+    under src_root to the same relative folder under dest_root. A record already there is left as it is
+    (never overwritten); one that trained another setting (training_changes) is a ValueError before anything
+    is copied: records of two studies never mix under one name. A run that is not completed is not copied.
+    Returns the folders written."""
     import shutil
 
     todo = []
@@ -293,7 +324,10 @@ def keep_records(src_root: str, dest_root: str) -> list[str]:
     for dirpath, files, dest in todo:
         os.makedirs(dest, exist_ok=True)
         for name in RECORD_FILES[1:]:
-            if name in files:
+            if name in COMPRESSED and name in files:
+                compress_file(os.path.join(dirpath, name), os.path.join(dest, name + PACKED))
+            elif name in files or name + PACKED in files:  # (a kept record kept again: as it is)
+                name = name if name in files else name + PACKED
                 shutil.copy2(os.path.join(dirpath, name), os.path.join(dest, name))
         shutil.copy2(os.path.join(dirpath, SUMMARY), os.path.join(dest, SUMMARY))  # last: marks it whole
         written.append(dest)

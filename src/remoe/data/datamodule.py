@@ -23,11 +23,12 @@ import lightning as L
 import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.distributed import split_dataset_by_node
+from datasets.utils import logging as datasets_logging
 from filelock import FileLock
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
-from .corpus import expand_files, fingerprint, is_validation, stdlib_documents
+from .corpus import expand_files, fingerprint, is_validation, stdlib_documents, stdlib_key
 from .packages import package_documents
 from .tokenizer import cached_bpe, eos_id, load_tokenizer
 
@@ -129,6 +130,26 @@ class ResumableBatchSampler(Sampler):
             i += 1
 
 
+def cached_stdlib_documents(cache_dir: str, max_chars: int | None = None, root: str | None = None) -> Dataset:
+    """stdlib_documents as a Dataset, kept in the cache under stdlib_key (which changes with the files, the
+    Python version and the extraction code): a run start loads it instead of parsing the library again."""
+    path = os.path.join(cache_dir, f"stdlib-docs-{stdlib_key(max_chars, root)}")
+    os.makedirs(cache_dir, exist_ok=True)
+    with FileLock(path + ".lock"):
+        if not os.path.exists(os.path.join(path, "dataset_info.json")):
+            for stale in (path, path + ".tmp"):  # what a killed build left
+                shutil.rmtree(stale, ignore_errors=True)
+            on = datasets_logging.is_progress_bar_enabled()
+            datasets_logging.disable_progress_bar()  # a cache entry, not news
+            try:
+                Dataset.from_list(list(stdlib_documents(max_chars, root))).save_to_disk(path + ".tmp")
+            finally:
+                if on:
+                    datasets_logging.enable_progress_bar()
+            os.replace(path + ".tmp", path)
+    return load_from_disk(path)
+
+
 class LMDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -182,7 +203,7 @@ class LMDataModule(L.LightningDataModule):
     # ---- documents and tokenizer ---------------------------------------------------------------
     def documents(self) -> Dataset:
         if self.source == "stdlib":
-            return Dataset.from_list(list(stdlib_documents(self.max_chars)))
+            return cached_stdlib_documents(self.cache_dir, self.max_chars)
         if self.source == "packages":
             return package_documents(self.cache_dir)
         if self.source == "text_files":

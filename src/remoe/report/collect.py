@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import lzma
 import os
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import pandas as pd
 
 from ..model.routing import METHODS
 from ..model.stats import expert_share
-from ..runs import SUMMARY, RunSummary
+from ..runs import SUMMARY, RunSummary, open_record, record_file
 
 log = logging.getLogger("remoe.report")
 
@@ -119,12 +120,13 @@ def record_problem(run_dir: str) -> str | None:
     edited line, an empty metrics.csv, text where numbers belong), or None: such a run is skipped, with
     this reason in the index, instead of stopping the report."""
     def check(name: str, fn) -> str | None:
-        path = os.path.join(run_dir, name)
-        if not os.path.exists(path):
+        path = record_file(run_dir, name)
+        if path is None:
             return None
         try:
             fn(path)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, pd.errors.ParserError) as e:
+        except (OSError, EOFError, lzma.LZMAError, ValueError, TypeError, KeyError, AttributeError,
+                pd.errors.ParserError) as e:  # EOFError, LZMAError: a cut or damaged .xz
             return f"unreadable {name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else '-'})"
         return None
 
@@ -167,9 +169,11 @@ def record_problem(run_dir: str) -> str | None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    """The rows of a JSONL record file (`path`, or its kept .gz copy); [] when it does not exist."""
+    found = record_file(os.path.dirname(path), os.path.basename(path))
+    if found is None:
         return []
-    with open(path) as f:
+    with open_record(found) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: a line that is not a JSON object")
@@ -194,13 +198,13 @@ def inactive_cells(share) -> np.ndarray:
 
 def read_analysis(run_dir: str) -> dict | None:
     """The run's routing_analysis.json (written at the end of training), or None."""
-    p = os.path.join(run_dir, "routing_analysis.json")
-    if not os.path.exists(p):
+    p = record_file(run_dir, "routing_analysis.json")
+    if p is None:
         return None
-    with open(p) as f:
+    with open_record(p) as f:
         return json.load(f)
 
 
 def read_metrics(run_dir: str) -> pd.DataFrame | None:
-    path = os.path.join(run_dir, "metrics.csv")
-    return pd.read_csv(path) if os.path.exists(path) else None
+    path = record_file(run_dir, "metrics.csv")
+    return pd.read_csv(path) if path else None  # a .xz one decompressed by pandas
