@@ -7,9 +7,11 @@ The report stage reads only run directories, so everything it needs is written h
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -36,17 +38,12 @@ def record_file(run_dir: str, name: str) -> str | None:
 
 def open_record(path: str):
     """A record file opened for reading text, a .xz one decompressed."""
-    import lzma
-
     return lzma.open(path, "rt", encoding="utf-8") if path.endswith(PACKED) else open(path, encoding="utf-8")
 
 
 def compress_file(src: str, dest: str) -> None:
     """xz-compress `src` into `dest` (deterministic: the same bytes give the same file), written beside it and
     renamed into place."""
-    import lzma
-    import shutil
-
     tmp = dest + ".partial"
     with open(src, "rb") as f, lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as out:
         shutil.copyfileobj(f, out)
@@ -304,8 +301,6 @@ def keep_records(src_root: str, dest_root: str) -> list[str]:
     (never overwritten); one that trained another setting (training_changes) is a ValueError before anything
     is copied: records of two studies never mix under one name. A run that is not completed is not copied.
     Returns the folders written."""
-    import shutil
-
     todo = []
     for dirpath, _, files in sorted(os.walk(src_root)):
         s = read_summary(dirpath) if SUMMARY in files else None
@@ -379,8 +374,6 @@ def remove_leftovers(folder: str, pattern: str) -> list[str]:
     that wrote it) when that process is gone: the temporary file or folder of a save, export, preparation or
     report build that was killed midway. Returns what was removed."""
     import re
-    import shutil
-
     removed = []
     if not os.path.isdir(folder):
         return removed
