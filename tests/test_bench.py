@@ -137,7 +137,7 @@ def test_steady_state_threshold_uses_a_constant_feature():
 def test_flop_count_covers_grouped_experts_forward_and_backward():
     """FlopCounterMode must see the expert GEMMs whichever path runs them (grouped_mm has a registered
     formula): forward 2*N*d*3f (+ router 2*T*d*E), backward twice that (grads of x and of weights)."""
-    from remoe.bench.common import count_flops
+    from remoe.model.flops import count_flops
 
     layer = make_layer("topk", 8, 2, 1, d=32, ffn=64).float()
     x = torch.randn(100, 32, requires_grad=True)
@@ -290,7 +290,7 @@ def test_attention_flops_with_grouped_kv_heads_on_a_torch_that_refuses_them(monk
     which is what torch 2.13 computes."""
     from torch.utils import flop_counter
 
-    from remoe.bench.common import _count_gqa_attention
+    from remoe.model.flops import _count_gqa_attention
 
     q, kv = (2, 8, 16, 4), (2, 2, 16, 4)
     want = flop_counter.sdpa_flop_count(q, kv, kv), flop_counter.sdpa_backward_flop_count(q, q, kv, kv)

@@ -26,8 +26,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from .model import ModelConfig, Transformer
+from .model.flops import register_flop_formulas
 
 HEADROOM = 0.85
 STAGE1_STEPS = 110  # ReMoE's controller settles in ~90-110 steps at lambda0=1e-8, alpha=1.2
@@ -65,10 +67,6 @@ def measure(cfg: ModelConfig, seq_len: int, precision: str) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _measure(base: ModelConfig, seq_len: int, dtype: torch.dtype) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .bench.common import register_flop_formulas
-
     register_flop_formulas()
 
     def run(n_layer: int, k: int, recompute: bool = False) -> tuple[int, int]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ..lit import adamw_impl, compile_blocks
 from ..model import RoutingStats, Transformer, build_method, preset
-from .common import DTYPES, count_flops, matmul_peak, spread, time_fns, time_samples
+from ..model.flops import count_flops
+from .common import DTYPES, matmul_peak, spread, time_fns, time_samples
 from .peers import PEERS, build_peer
 from .syncs import CountSyncs
 
