@@ -196,7 +196,7 @@ def test_throughput_table_comes_from_benchmark_json_with_reps_and_spread(tmp_pat
     assert set(ours["reps"]) == {"5"} and set(ours["spread"]) == {"±4.0%"}
 
 
-@pytest.mark.parametrize("study", ["remoe_small_scale", "issue12_depth4", "issue12_factors"])
+@pytest.mark.parametrize("study", ["remoe_small_scale", "small_scale_depth4", "small_scale_factors"])
 def test_committed_small_scale_page_regenerates_from_its_records(tmp_path, study):
     """Issue 12's pages (reports/remoe_small_scale.md; reports/<study>/remoe_small_scale.md for the studies
     run from one later commit each) are generated from the committed records, not written by hand."""

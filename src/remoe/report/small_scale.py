@@ -32,7 +32,7 @@ def arms(df: pd.DataFrame) -> pd.Series:
     """Each run's arm: its method and recipe (tables.variant: dense×N for a wider dense FFN, router LR, ...)
     plus every other factor it changes from the method's standard setting (its method's Knobs defaults), and its tokens
     per step where that differs from most runs'. Factors not named here (depth, the commit) do not split arms: one
-    study per records folder (reports/issue12_*)."""
+    study per records folder (reports/small_scale_*)."""
     tps = df["train_tokens"] / df["steps"]
     usual = tps.mode().iloc[0] if len(tps) else None
     out = []
