@@ -349,12 +349,14 @@ def test_grid_points_and_folder_follow_the_command():
     from remoe.hydra_callbacks import grid_points
     from remoe.settings import grid_slug
 
+    excluded = OmegaConf.load(ROOT / "conf" / "config.yaml").hydra.job.config.override_dirname.exclude_keys
+
     assert grid_points(["model=remoe", "experts=4,16", "seed=range(1,3)"]) == [
         ["model=remoe", "experts=4", "seed=1"], ["model=remoe", "experts=4", "seed=2"],
         ["model=remoe", "experts=16", "seed=1"], ["model=remoe", "experts=16", "seed=2"]]
-    assert grid_slug(["model=remoe", "experts=4,16,64,128"]) == "experts-4+16+64+128__model-remoe"
-    assert grid_slug(["experts=4,16", "model=remoe", "resume=false", "name=x"]) == grid_slug(["model=remoe",
-                                                                                            "experts=4,16"])
+    assert grid_slug(excluded, ["model=remoe", "experts=4,16,64,128"]) == "experts-4+16+64+128__model-remoe"
+    assert grid_slug(excluded, ["experts=4,16", "model=remoe", "resume=false", "name=x"]) == \
+        grid_slug(excluded, ["model=remoe", "experts=4,16"])
 
 
 def test_a_single_run_ends_with_its_closing_line_and_no_third_party_summary(train):

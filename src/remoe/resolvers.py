@@ -18,14 +18,12 @@ def slug(overrides: str | None) -> str:
     return s
 
 
-GRID_EXCLUDED = ("sweep", "resume", "skip_completed", "report_on_multirun_end", "name", "logger", "eval",
-                 "paths.root", "trainer.enable_progress_bar", "hydra.verbose")  # as hydra.job override_dirname
-
-
-def grid_slug(task_overrides=None) -> str:
-    """Folder name of a -m grid from its command-line overrides (sweeps included; default: this process's
-    command line, as Hydra's own sweep-dir resolution has no ${hydra:} access yet): the same command lands
-    in the same folder, so rerunning it skips completed points and resumes cut ones."""
+def grid_slug(excluded=(), task_overrides=None) -> str:
+    """Folder name of a -m grid from its command-line overrides but the `excluded` keys (conf/config.yaml
+    passes hydra.job.config.override_dirname.exclude_keys: the one list for run and grid folder names);
+    sweeps included; default: this process's command line, as Hydra's own sweep-dir resolution has no
+    ${hydra:} access yet. The same command lands in the same folder, so rerunning it skips completed points
+    and resumes cut ones."""
     import sys
 
     if task_overrides is None:
@@ -33,7 +31,7 @@ def grid_slug(task_overrides=None) -> str:
     items = []
     for o in task_overrides:
         key, _, value = str(o).lstrip("+~").partition("=")
-        if key not in GRID_EXCLUDED and not key.startswith("hydra."):
+        if key not in set(excluded) and not key.startswith("hydra."):
             items.append(f"{key}-{value}")
     # no commas: a path holding one cannot be passed back as an override (checkpoint=...) without quoting
     return slug("__".join(sorted(items)).replace(",", "+"))

@@ -45,7 +45,7 @@ MOE_DISPATCH = ("auto", "exact", "bounded")  # model.moe.PairCapacity
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")  # an experiment name: one folder under paths.root
 
 
-from .resolvers import GRID_EXCLUDED, grid_slug, register_resolvers, run_mode_defaults, slug  # noqa: F401
+from .resolvers import grid_slug, register_resolvers, run_mode_defaults, slug  # noqa: F401
 
 
 def _key(cfg: DictConfig, field: str) -> str:
