@@ -417,3 +417,16 @@ def test_a_method_defined_outside_the_package_reaches_the_tables_with_no_report_
         assert ours["val_loss"].iloc[0].startswith("4.315")  # the standard runs' mean (4.31, 4.32), no other
     finally:
         METHODS.pop("jittertest", None)
+
+
+def test_a_run_without_load_balancing_is_off_standard_only_on_the_lb_axis():
+    """A new run's off_standard names the load_balancing switch as well as the summary field it sets (ReMoE:
+    regularizer l1): the LB ablation, which allows exactly the LB knobs, must still take it."""
+    from remoe.model import ModelConfig, build_method
+    from remoe.report.tables import LB_KNOBS, at_standard
+
+    cfg = ModelConfig(n_layer=2, d_model=32, n_head=2, n_kv_head=2, ffn_hidden=64, vocab_size=64, routing="remoe")
+    rec = build_method(cfg, load_balancing=False).record()
+    assert set(rec["off_standard"]) == {"regularizer", "load_balancing"} and rec["load_balanced"] is False
+    df = pd.DataFrame([{"off_standard": " ".join(rec["off_standard"])}])
+    assert at_standard(df, but=LB_KNOBS).all() and not at_standard(df).any()

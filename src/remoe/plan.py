@@ -80,14 +80,13 @@ def _measure(base: ModelConfig, seq_len: int, dtype: torch.dtype) -> dict:
             saved = saved_activation_bytes(model, ids, dtype)
         return saved, int(fc.get_total_flops())
 
-    cfg = base
     T = seq_len
     with torch.random.fork_rng():  # the caller's RNG state is untouched
         a1, f1 = run(1, 1)
         a2, f2 = run(2, 1)
-        a12, f12 = run(1, 2) if cfg.is_moe else (a1, f1)  # two experts per token: one more pair per token
+        a12, f12 = run(1, 2) if base.is_moe else (a1, f1)  # two experts per token: one more pair per token
         # the same with the expert stage recomputed in backward (the Stage I ceiling): what a pair keeps
-        r11, r12 = (run(1, 1, True)[0], run(1, 2, True)[0]) if cfg.is_moe else (a1, a12)
+        r11, r12 = (run(1, 1, True)[0], run(1, 2, True)[0]) if base.is_moe else (a1, a12)
     block_a, block_f = a2 - a1, f2 - f1  # one block with one expert per token (dense: the block)
     head_a, head_f = a1 - block_a, f1 - block_f
     pair_a, pair_f = (a12 - a1) / T, (f12 - f1) / T

@@ -195,7 +195,6 @@ class RoutingMethod:
                 "sparsity_final": self.sparsity_history[-1] if self.sparsity_history else None,
                 **self.layer_summary()}
 
-
     # ---- what the report reads: the standard setting and load balancing --------------------------
     @classmethod
     def standard(cls) -> dict[str, Any]:

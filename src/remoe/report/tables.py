@@ -91,9 +91,9 @@ def at_standard(df: pd.DataFrame, but: tuple[str, ...] = ()) -> pd.Series:
     return off.map(lambda o: isinstance(o, str) and set(o.split()) <= set(but)).astype(bool)
 
 
-# The knobs that turn a method's load balancing on or off; runs with and without load balancing are compared
-# only where every other identity field is equal
-LB_KNOBS = ("regularizer", "aux_loss_coef", "bias_update_rate")
+# The knobs that turn a method's load balancing on or off (the global switch, and the summary fields it sets);
+# runs with and without load balancing are compared only where every other identity field is equal
+LB_KNOBS = ("load_balancing", "regularizer", "aux_loss_coef", "bias_update_rate")
 
 
 def load_balanced(df: pd.DataFrame) -> pd.Series:
