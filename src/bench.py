@@ -11,13 +11,15 @@ from remoe.cpu import malloc_settings, reexec_with_malloc_settings
 reexec_with_malloc_settings()  # before torch loads: glibc reads these at start-up (remoe/cpu.py)
 
 import argparse
+import itertools
 import sys
 
 from remoe.bench.layer import bench_layer
 from remoe.bench.model import bench_models, paper_table
 from remoe.cli import ArgumentParser, UsageError, guard
-from remoe.precision import cpu_info
-from remoe.runs import git_commit, package_versions, write_json_atomic
+from remoe.io import write_json_atomic
+from remoe.train.precision import cpu_info
+from remoe.train.record import git_commit, package_versions
 
 
 def environment() -> dict:
@@ -72,7 +74,7 @@ def check_args(a) -> None:
         raise UsageError(f"--size: {str(e).removeprefix('size: ')}") from None
 
 
-def main() -> None:
+def parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("model")
@@ -119,65 +121,75 @@ def main() -> None:
     st.add_argument("--steps", type=positive, default=20)
     st.add_argument("--warmup", type=int, default=5)
     st.add_argument("--out", default="bench_step.json")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = parser().parse_args()
     check_args(a)
     env = environment()
-    if a.cmd == "step":
-        from remoe.bench.step import bench_step, profile_table
+    {"step": bench_steps, "gpu": gpu_suite, "model": bench_model, "layer": bench_layers}[a.cmd](a, env)
 
-        configs = [c.split() for c in (a.config or [f"size=small model={m}" for m in ("dense", "topk", "remoe")])]
-        if a.warmup < 0:
-            raise UsageError(f"--warmup: must be >= 0 (got {a.warmup})")
-        from remoe.bench.step import compose_config
-        from remoe.settings import validate
 
-        for c in configs:  # every config checked before any compute (one line, exit 2: remoe.cli)
-            validate(compose_config(c))
-        rows = []
-        for c in configs:
-            rows.append(bench_step(c, a.steps, a.warmup))
-            write_json_atomic(a.out, {"rows": rows, "environment": env})  # keep finished rows
-        print(profile_table(rows))
-        print(f"-> {a.out}")
-        return
-    if a.cmd == "gpu":
-        from remoe.bench.gpu import parse_config, run_suite, table
+def bench_steps(a, env: dict) -> None:
+    """bench.py step: where a training step's time goes (remoe/bench/step.py)."""
+    from remoe.bench.step import bench_step, compose_config, profile_table
+    from remoe.train.spec import validate
 
-        def out_path(res: dict) -> str:
-            return a.out or f"reports/bench/gpu_{res['device_name'].replace(' ', '_')}.json"
+    configs = [c.split() for c in (a.config or [f"size=small model={m}" for m in ("dense", "topk", "remoe")])]
+    if a.warmup < 0:
+        raise UsageError(f"--warmup: must be >= 0 (got {a.warmup})")
+    for c in configs:  # every config checked before any compute (one line, exit 2: remoe.cli)
+        validate(compose_config(c))
+    rows = []
+    for c in configs:
+        rows.append(bench_step(c, a.steps, a.warmup))
+        write_json_atomic(a.out, {"rows": rows, "environment": env})  # keep finished rows
+    print(profile_table(rows))
+    print(f"-> {a.out}")
 
-        try:
-            configs, checks = [parse_config(c) for c in a.configs], [parse_config(c) for c in a.checks]
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks,
-                        on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}),
-                        parts=a.parts, paper_batch=a.paper_batch, paper_vocab=a.paper_vocab)
-        out = out_path(res)
-        print(table(res))
-        print(f"-> {out}")
-        sys.exit(0 if all(c["ok"] for c in res["checks"]) else 1)
-    if a.cmd == "model":
-        res = bench_models(a.size, a.experts, a.topk, a.granularity, a.precision, a.device, a.batch, a.seq, a.reps)
-        print(paper_table(res))
-    else:
-        rows = []
-        print("| E | k | G | precision | topk/dense | remoe/dense | speed-up vs Mixtral (eager) | "
-              "vs Mixtral (grouped_mm) | remoe sparsity |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for prec in a.precision:
-            for E in a.E:
-                for k in a.k:
-                    for G in a.G:
-                        r = bench_layer(a.d, a.ffn, E, k, G, a.tokens, prec, a.device, a.reps)
-                        rows.append(r)
-                        write_json_atomic(a.out, {"rows": rows, "environment": env})  # keep finished rows
-                        mx, mg = (f"{r[c]:.2f}x" if r[c] else "n/a"
-                                  for c in ("speedup_vs_mixtral", "speedup_vs_mixtral_gmm"))
-                        print(f"| {E} | {k} | {G} | {prec} | {r['ratio_topk_vs_dense']:.2f} | "
-                              f"{r['ratio_remoe_vs_dense']:.2f} | {mx} | {mg} | {r['remoe_sparsity']:.3f} |", flush=True)
-        res = {"rows": rows}
+
+def gpu_suite(a, env: dict) -> None:
+    """bench.py gpu: the GPU suite (remoe/bench/gpu.py); exit 1 if a check failed."""
+    from remoe.bench.gpu import parse_config, run_suite, table
+
+    def out_path(res: dict) -> str:
+        return a.out or f"reports/bench/gpu_{res['device_name'].replace(' ', '_')}.json"
+
+    try:
+        configs, checks = [parse_config(c) for c in a.configs], [parse_config(c) for c in a.checks]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    res = run_suite(a.device, a.size, a.precision, a.batch, a.seq, a.reps, configs, checks,
+                    on_part=lambda r: write_json_atomic(out_path(r), {**r, "environment": env}),
+                    parts=a.parts, paper_batch=a.paper_batch, paper_vocab=a.paper_vocab)
+    print(table(res))
+    print(f"-> {out_path(res)}")
+    sys.exit(0 if all(c["ok"] for c in res["checks"]) else 1)
+
+
+def bench_model(a, env: dict) -> None:
+    """bench.py model: whole models, Table-7 style."""
+    res = bench_models(a.size, a.experts, a.topk, a.granularity, a.precision, a.device, a.batch, a.seq, a.reps)
+    print(paper_table(res))
     write_json_atomic(a.out, {**res, "environment": env})
+    print(f"-> {a.out}")
+
+
+def bench_layers(a, env: dict) -> None:
+    """bench.py layer: one MoE layer against dense and Mixtral's, each finished row kept."""
+    rows = []
+    print("| E | k | G | precision | topk/dense | remoe/dense | speed-up vs Mixtral (eager) | "
+          "vs Mixtral (grouped_mm) | remoe sparsity |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for prec, E, k, G in itertools.product(a.precision, a.E, a.k, a.G):
+        r = bench_layer(a.d, a.ffn, E, k, G, a.tokens, prec, a.device, a.reps)
+        rows.append(r)
+        write_json_atomic(a.out, {"rows": rows, "environment": env})  # keep finished rows
+        mx, mg = (f"{r[c]:.2f}x" if r[c] else "n/a" for c in ("speedup_vs_mixtral", "speedup_vs_mixtral_gmm"))
+        print(f"| {E} | {k} | {G} | {prec} | {r['ratio_topk_vs_dense']:.2f} | "
+              f"{r['ratio_remoe_vs_dense']:.2f} | {mx} | {mg} | {r['remoe_sparsity']:.3f} |", flush=True)
+    write_json_atomic(a.out, {"rows": rows, "environment": env})
     print(f"-> {a.out}")
 
 

@@ -17,7 +17,8 @@ from remoe.cli import guard
 from remoe.console import quiet_third_party
 from remoe.model.presets import CONF_DIR
 from remoe.plan import check_fits, describe, plan_for, strategy_of
-from remoe.settings import derive, register_resolvers, validate
+from remoe.resolvers import register_resolvers
+from remoe.train.spec import derive, validate
 
 register_resolvers()
 quiet_third_party()
@@ -32,7 +33,7 @@ def main() -> None:
         cfg = compose("config", overrides=sys.argv[1:], return_hydra_config=True)
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra")
-    mcfg = validate(cfg)  # ConfigError: one line, exit 2 (remoe.cli)
+    mcfg = validate(cfg).model  # ConfigError: one line, exit 2 (remoe.cli)
     derive(cfg)
     p = plan_for(cfg, mcfg)
     print(describe(p))

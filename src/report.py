@@ -11,7 +11,7 @@ import os
 import sys
 
 from remoe.cli import ArgumentParser, UsageError, guard
-from remoe.report import build_report
+from remoe.report.build import build_report
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if a.keep_records:
-        from remoe.runs import keep_records
+        from remoe.train.record import keep_records
 
         src, dest = a.keep_records
         if not os.path.isdir(src):

@@ -1,6 +1,6 @@
 """Train one model (or a grid with -m): `python src/train.py model=remoe experts=16 seed=2`.
 
-Thin by design: Hydra composes conf/, remoe.pipeline.run does the work. A bad config value exits
+Thin by design: Hydra composes conf/, remoe.train.run.run does the work. A bad config value exits
 with status 2 and a one-line message naming the key, before any data or model is built (and, for a single
 run, before Hydra makes its folder: remoe.hydra_callbacks.ValidateOnRunStart); remoe.cli says the rest.
 """
@@ -26,8 +26,8 @@ quiet_third_party()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from remoe.pipeline import run  # torch and Lightning load here: `--help` never waits for them
-    from remoe.settings import ConfigError
+    from remoe.train.run import run  # torch and Lightning load here: `--help` never waits for them
+    from remoe.train.spec import ConfigError
 
     run_dir = HydraConfig.get().runtime.output_dir
     run_mode_defaults(cfg, HydraConfig.get().mode == RunMode.MULTIRUN)

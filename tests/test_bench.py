@@ -19,7 +19,7 @@ from remoe.cpu import MALLOC_ENV
 from remoe.model import experts as experts_mod
 from remoe.model import preset
 from remoe.model.dispatch import group_by_expert
-from remoe.precision import FLAGS
+from remoe.train.precision import FLAGS
 from test_model import make_layer, naive_moe
 
 
@@ -221,13 +221,13 @@ def test_lightning_step_equals_the_bare_loop_with_fused_adamw_and_clipping(preci
     from omegaconf import OmegaConf
 
     from remoe.bench.step import BareLoop, compose_config
-    from remoe.lit import LitLM
-    from remoe.settings import derive, routing_knobs, validate
+    from remoe.train.module import LitLM
+    from remoe.train.spec import derive, routing_knobs, validate
 
     monkeypatch.setenv("REMOE_CACHE", cache_dir)
     cfg = compose_config(["size=tiny", "model=topk", "size.max_steps=3", f"trainer.precision={precision}",
                           "trainer.gradient_clip_val=0.05"])  # small: clipping acts on every step
-    mcfg = validate(cfg)
+    mcfg = validate(cfg).model
     derive(cfg)
     dm = instantiate(cfg.data)
     dm.prepare_data()
@@ -255,7 +255,7 @@ def test_lightning_step_equals_the_bare_loop_with_fused_adamw_and_clipping(preci
 
 
 def test_fused_adamw_setting():
-    from remoe.lit import adamw_impl
+    from remoe.train.optim import adamw_impl
 
     cpu = [torch.zeros(2, 2)]
     assert adamw_impl("auto", cpu) == {"fused": True} and adamw_impl(False, cpu) == {}
@@ -315,7 +315,7 @@ def test_attention_flops_with_grouped_kv_heads_on_a_torch_that_refuses_them(monk
 def test_commit_of_a_copied_tree_is_named_by_remoe_git_commit(monkeypatch):
     """The GPU machine gets a copy of the tree whose .git said the session's first commit; the command
     names the real one."""
-    from remoe.runs import git_commit
+    from remoe.train.record import git_commit
 
     monkeypatch.delenv("REMOE_GIT_COMMIT", raising=False)
     here = git_commit()

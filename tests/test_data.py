@@ -71,7 +71,8 @@ def test_the_batch_order_is_a_function_of_seed_corpus_and_data_code_only(cache_d
     from hydra.utils import instantiate
 
     from conftest import ROOT
-    from remoe.settings import derive, register_resolvers
+    from remoe.resolvers import register_resolvers
+    from remoe.train.spec import derive
 
     register_resolvers()
     monkeypatch.setenv("REMOE_CACHE", cache_dir)

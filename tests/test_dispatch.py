@@ -177,8 +177,8 @@ def test_moe_dispatch_setting_is_checked_and_chosen_by_device():
     from omegaconf import OmegaConf
 
     from remoe.bench.step import compose_config
-    from remoe.pipeline import bounded_dispatch
-    from remoe.settings import ConfigError, validate
+    from remoe.train.run import bounded_dispatch
+    from remoe.train.spec import ConfigError, validate
 
     with pytest.raises(ConfigError, match="moe_dispatch"):
         validate(compose_config(["moe_dispatch=fast"]))

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from conftest import FAST, ROOT
+from remoe.checkpoint import load_checkpoint
 from remoe.data.corpus import stdlib_documents
 from remoe.data.tokenizer import train_bpe
-from remoe.eval.adapter import RemoeLM, load_checkpoint
+from remoe.eval.adapter import RemoeLM
 from remoe.model import Transformer, preset
-from remoe.runs import read_summary
+from remoe.train.record import read_summary
 
 
 @pytest.fixture(scope="module")

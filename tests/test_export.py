@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT
-from remoe.eval.adapter import greedy_decode, load_checkpoint
+from remoe.checkpoint import load_checkpoint
+from remoe.eval.adapter import greedy_decode
 from remoe.export import export, load_hf
 
 METHODS = ["dense", "topk", "remoe", "hash", "ec", "auxfree"]

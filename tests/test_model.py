@@ -16,6 +16,8 @@ from remoe.model import (
     RoutingStats,
     Transformer,
     build_method,
+    method_of,
+    param_counts,
     preset,
 )
 from remoe.model import experts as experts_mod
@@ -34,7 +36,7 @@ def n_params(m):
 def test_182m_dense_counts_182_4m():
     cfg = preset("182m", "dense", vocab_size=50257)
     assert cfg.padded_vocab_size == 51200
-    total = cfg.param_counts()["total"]
+    total = param_counts(cfg)["total"]
     assert abs(total - 182.4e6) / 182.4e6 < 0.005
     assert n_params(Transformer(cfg)) == total
 
@@ -43,16 +45,16 @@ def test_182m_dense_counts_182_4m():
 @pytest.mark.parametrize("variant", ["dense", "topk", "remoe", "hash", "ec", "auxfree"])
 def test_counts_match_module(name, variant):
     cfg = preset(name, variant, vocab_size=1000, experts=4, granularity=2)
-    assert n_params(Transformer(cfg)) == cfg.param_counts()["total"]
+    assert n_params(Transformer(cfg)) == param_counts(cfg)["total"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("E,G", [(8, 1), (16, 1), (8, 4)])
 def test_moe_total_and_active(name, E, G):
-    dense = preset(name, "dense", vocab_size=50257).param_counts()
+    dense = param_counts(preset(name, "dense", vocab_size=50257))
     for v in ("topk", "remoe", "hash", "ec", "auxfree"):
         cfg = preset(name, v, vocab_size=50257, experts=E, topk=1, granularity=G)
-        c = cfg.param_counts()
+        c = param_counts(cfg)
         ffn = 3 * cfg.d_model * cfg.ffn
         router = 0 if v == "hash" else cfg.d_model * E * G
         assert c["total"] == dense["total"] + cfg.n_layer * ((E - 1) * ffn + router)
@@ -62,13 +64,13 @@ def test_moe_total_and_active(name, E, G):
 def test_paper_total_params_with_e8():
     # the paper's Table 1 totals at E=8: 182M -> 777M, 469M -> 2.58B, 978M -> 5.73B
     for name, paper in (("182m", 777e6), ("469m", 2.58e9), ("978m", 5.73e9)):
-        total = preset(name, "remoe", vocab_size=50257, experts=8).param_counts()["total"]
+        total = param_counts(preset(name, "remoe", vocab_size=50257, experts=8))["total"]
         assert abs(total - paper) / paper < 0.005
 
 
 def test_dense_x8_has_moe_e8_params():
-    d8 = preset("182m", "dense", vocab_size=50257, ffn_mult=8).param_counts()["total"]
-    e8 = preset("182m", "topk", vocab_size=50257, experts=8).param_counts()["total"]
+    d8 = param_counts(preset("182m", "dense", vocab_size=50257, ffn_mult=8))["total"]
+    e8 = param_counts(preset("182m", "topk", vocab_size=50257, experts=8))["total"]
     router = 12 * 768 * 8
     assert d8 == e8 - router
 
@@ -424,9 +426,13 @@ def test_controller_held_above_target_stops_at_its_floor_and_climbs_back(caplog)
     ],
 )
 def test_bad_arguments_name_the_argument(kw, name):
+    """The backbone's checks are ModelConfig's, a routing method's own options its check_arch (method_of runs it,
+    as building the model does); either way the error names the field."""
     base = dict(preset_arch("tiny"), routing="remoe", vocab_size=100)
     with pytest.raises(ValueError, match=rf"^{name}\b"):
-        ModelConfig(**{**base, **kw})
+        method_of(ModelConfig(**{**base, **kw}))
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        Transformer(ModelConfig(**{**base, **kw}))
 
 
 @pytest.mark.parametrize(
@@ -454,7 +460,7 @@ def test_unknown_preset_and_method():
     with pytest.raises(ValueError, match="size"):
         preset("7b")
     with pytest.raises(ValueError, match="routing"):
-        preset("tiny", "no_such_method")
+        method_of(preset("tiny", "no_such_method"))
 
 
 def test_checkpoint_format_is_checked_and_format_0_refused_in_one_line():

@@ -11,8 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import FAST, ROOT
-from remoe.runs import read_summary
-from remoe.settings import ConfigError, batch_split, register_resolvers, validate
+from remoe.resolvers import register_resolvers
+from remoe.train.record import read_summary
+from remoe.train.spec import ConfigError, batch_split, validate
 from remoe.wandb_offline import offline_runs, read_history
 
 register_resolvers()
@@ -45,7 +46,7 @@ DATA = {"stdlib": [], "text_files": [f"data.files=[{ROOT / 'pyproject.toml'}]"],
 @pytest.mark.parametrize("model", ["dense", "hash", "ec", "topk", "auxfree", "remoe"])
 def test_every_size_and_model_composes_and_validates(size, model):
     cfg = composed(f"model={model}", f"size={size}")
-    mcfg = validate(cfg)
+    mcfg = validate(cfg).model
     assert mcfg.routing == model and mcfg.is_moe == (model != "dense")
     assert mcfg.n_layer == cfg.size.arch.n_layer  # conf/size holds the architecture
     assert cfg.trainer.precision == cfg.size.precision
@@ -124,6 +125,36 @@ def test_bad_text_files_are_config_errors_naming_the_file(tmp_path, content, why
     with pytest.raises(ConfigError, match=rf"^data.files: .*{why}") as e:
         validate(composed("data=text_files", f"data.files=[{target}]"))
     assert str(target) in str(e.value)
+
+
+def test_a_run_builds_its_routing_method_once(cache_dir, tmp_path, monkeypatch):
+    """Issue 41: validation builds the method object (train.spec.RunSpec); the summary's setting and the
+    LightningModule use that same object, rebound to the vocabulary the data gave; a method built for another
+    architecture, or with other knobs than the hyperparameters, is refused."""
+    from dataclasses import replace
+
+    from remoe.model import build_method
+    from remoe.train import run as train_run
+    from remoe.train.module import LitLM
+    from remoe.train.resume import Resume
+    from remoe.train.spec import derive
+
+    monkeypatch.setenv("REMOE_CACHE", cache_dir)
+    cfg = composed("model=remoe", "logger=csv", "eval=none", f"logger.csv.save_dir={tmp_path}",
+                   f"trainer.default_root_dir={tmp_path}", f"paths.root={tmp_path}", *FAST)
+    spec = validate(cfg)
+    derive(cfg)
+    attempt = train_run.begin(cfg, str(tmp_path), spec, Resume())
+    assert attempt.summary.load_balanced is True and attempt.summary.off_standard == []
+    train_run.prepare(cfg, attempt)
+    assert attempt.lit.routing is spec.method  # one object: no second build
+    assert spec.method.cfg == attempt.lit.cfg and spec.method.cfg.vocab_size == attempt.dm.vocab_size
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    other = build_method(replace(spec.model, experts=16))
+    with pytest.raises(ValueError, match="routing method built for"):
+        LitLM(model=spec.model, optim=optim, routing=spec.knobs, method=other)
+    with pytest.raises(ValueError, match="knobs"):
+        LitLM(model=spec.model, optim=optim, routing={**spec.knobs, "alpha": 2.0}, method=build_method(spec.model))
 
 
 def test_bad_data_exits_2_before_anything_is_built(train):
@@ -347,7 +378,7 @@ def test_rerunning_a_plain_grid_skips_its_completed_points(tiny_sweep, cache_dir
 
 def test_grid_points_and_folder_follow_the_command():
     from remoe.hydra_callbacks import grid_points
-    from remoe.settings import grid_slug
+    from remoe.resolvers import grid_slug
 
     excluded = OmegaConf.load(ROOT / "conf" / "config.yaml").hydra.job.config.override_dirname.exclude_keys
 

@@ -129,12 +129,13 @@ def test_the_largest_paper_sweep_points_fit_under_their_strategy(sweep, point):
     from hydra import compose, initialize_config_dir
 
     from remoe.plan import check_fits, plan_for, strategy_of
-    from remoe.settings import derive, register_resolvers, validate
+    from remoe.resolvers import register_resolvers
+    from remoe.train.spec import derive, validate
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"+sweep=paper/{sweep}", "model=remoe", "eval=none", *point])
-    mcfg = validate(cfg)
+    mcfg = validate(cfg).model
     derive(cfg)
     p = plan_for(cfg, mcfg)
     assert strategy_of(cfg.trainer) == "fsdp" and check_fits(p, "fsdp") is None

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST
-from remoe import precision
-from remoe.runs import read_summary
+from remoe.train import precision
+from remoe.train.record import read_summary
 
 
 def test_the_rule_needs_bf16_clearly_faster():
@@ -57,7 +57,8 @@ def test_auto_is_a_valid_precision(value):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from remoe.settings import register_resolvers, validate
+    from remoe.resolvers import register_resolvers
+    from remoe.train.spec import validate
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

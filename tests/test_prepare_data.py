@@ -110,7 +110,7 @@ def test_prepare_refuses_bad_values_with_one_line_and_never_overwrites(pile):
 
 
 def test_train_from_prepared_resumes_at_the_exact_batch_and_refuses_a_larger_budget(pile, train, tmp_path, cache_dir):
-    from remoe.runs import read_summary
+    from remoe.train.record import read_summary
     from test_pipeline import metric_series
     from test_reliability import wait_for_checkpoint
 

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT
 from remoe.data.datamodule import ResumableBatchSampler
-from remoe.runs import read_summary
+from remoe.train.record import read_summary
 
 COMMON = ["model=remoe", "logger=csv", "eval=none", "trainer.max_steps=16", "size.val_interval=8",
           "size.ckpt_interval=2", "size.val_batches=2", "trainer.enable_progress_bar=false",
@@ -165,8 +165,7 @@ def _to_format_0(ckpt_path):
 def test_checkpoints_of_an_older_format_are_refused_in_one_line(train, base_copy):
     """Issue 41: format 0 checkpoints are no longer translated: resume, evaluation and export refuse them in
     one line naming the format (exit 2), and the run folder is left as it was."""
-    from remoe.checkpoint import CheckpointError
-    from remoe.eval.adapter import load_checkpoint
+    from remoe.checkpoint import CheckpointError, load_checkpoint
 
     run, base = base_copy
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -183,7 +182,7 @@ def test_checkpoints_of_an_older_format_are_refused_in_one_line(train, base_copy
 
 def test_resume_may_change_a_routing_knob_but_not_the_architecture(train, base_copy):
     """alpha is the controller's training knob, not the model: a resume may change it (it was refused as
-    "a different model config" before the routing methods owned their knobs). The optimizer recipe (runs.RECIPE)
+    "a different model config" before the routing methods owned their knobs). The optimizer recipe (train.optim.RECIPE)
     may not change: the checkpoint's parameter groups are another optimizer's; refused in one line, exit 2,
     nothing in the folder changed."""
     run, base = base_copy
@@ -260,7 +259,7 @@ def test_a_failed_attempt_never_replaces_a_completed_record_nor_a_skip_another_s
 
 
 def test_csv_metrics_survive_a_resume_and_a_cut_last_line(tmp_path):
-    from remoe.loggers import CSVLogger
+    from remoe.train.loggers import CSVLogger
 
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,train/loss\r\n0,0,5.0\r\n0,1,4.0\r\n0,2,3.0\r\n0,3,2.")  # killed mid-line
@@ -397,8 +396,8 @@ def test_signal_handlers_are_restored_after_training(tmp_path, cache_dir, monkey
     from hydra import compose, initialize_config_dir
 
     from conftest import FAST
-    from remoe.pipeline import train
-    from remoe.settings import register_resolvers
+    from remoe.resolvers import register_resolvers
+    from remoe.train.run import train
 
     register_resolvers()
     monkeypatch.setenv("REMOE_CACHE", cache_dir)
@@ -419,8 +418,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_sharded_checkpoints(tmp_path,
     """FSDP2 on 2 CPU ranks: loss, lambda and sparsity equal to DDP's (1e-5) over 20 steps; a SIGKILL of
     the whole job and a resume from the sharded last.ckpt gives the same losses and lambda; the sharded
     checkpoint loads for evaluation/export with the weights DDP's checkpoint holds."""
-    from remoe.checkpoint import is_sharded
-    from remoe.eval.adapter import load_checkpoint
+    from remoe.checkpoint import is_sharded, load_checkpoint
 
     runs = {k: tmp_path / k for k in ("ddp", "fsdp", "cut")}
     for r in runs.values():

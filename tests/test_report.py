@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from conftest import FAST
-from remoe.report import build_report
+from remoe.report.build import build_report
 from remoe.report.collect import collect
 from remoe.report.tables import aggregate, to_latex, to_markdown
-from remoe.runs import read_summary
+from remoe.train.record import read_summary
 
 
 def test_renderers_on_a_small_frame():
@@ -127,7 +127,7 @@ def test_runs_off_the_papers_recipe_are_labelled_and_never_a_methods_standard_ro
     method's standard rows (the routing-methods table, the claims); a record without the fields is the paper's."""
     from remoe.report.collect import describe
     from remoe.report.tables import _standard, variant
-    from remoe.runs import RunSummary
+    from remoe.train.record import RunSummary
 
     def row(**kw):  # as collect() makes it
         return describe(RunSummary.from_json({"model": "dense", "ffn_mult": 1, **kw}).to_json())
@@ -222,7 +222,7 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     import sys
 
     from conftest import ROOT
-    from remoe.runs import COMPRESSED, RECORD_FILES, keep_records
+    from remoe.train.record import COMPRESSED, RECORD_FILES, keep_records
 
     src = tmp_path / "src"
     shutil.copytree(tiny_sweep, src, ignore=shutil.ignore_patterns("wandb"))
@@ -384,7 +384,7 @@ def test_a_method_defined_outside_the_package_reaches_the_tables_with_no_report_
     from remoe.model.routing import METHODS, TopK
     from remoe.report import tables
     from remoe.report.collect import collect
-    from remoe.runs import RunSummary
+    from remoe.train.record import RunSummary
 
     class Jitter(TopK):
         name = "jittertest"

@@ -6,12 +6,12 @@ import json
 import pandas as pd
 import pytest
 
-from remoe.report import build_report
+from remoe.report.build import build_report
 from remoe.report.claims import _remoe_vs_topk, claims, inactive_experts
 from remoe.report.collect import collect
 from remoe.report.stats import compare, trend
 from remoe.report.tables import sensitivity
-from remoe.runs import RunSummary
+from remoe.train.record import RunSummary
 
 BASE = dict(status="completed", size="tiny", topk=1, granularity=1, experts=8, steps=400,
             train_tokens=1638400, corpus="c0", precision="32-true", ffn_mult=1, git_commit="0" * 40)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from remoe.model import METHODS, ModelConfig, RoutingStats, build_method, preset
-from remoe.runs import RunSummary
+from remoe.train.record import RunSummary
 
 MODEL_CONF = sorted((ROOT / "conf" / "model").glob("*.yaml"))
 
@@ -23,7 +23,7 @@ def test_each_model_yaml_is_one_method_with_its_knobs(path):
 
     from hydra import compose, initialize_config_dir
 
-    from remoe.settings import register_resolvers
+    from remoe.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -78,8 +78,8 @@ def first_adamw_step(cfg, o: dict):
     the whole schedule (warm-up, cosine, floor)."""
     import torch
 
-    from remoe.lit import build_optimizer
     from remoe.model import Transformer
+    from remoe.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -289,3 +289,16 @@ def test_collapsed_layers_are_judged_on_the_tail_at_a_tenth_of_k():
         n.on_optimizer_step(stats(step, [2.0, 0.22 if step >= 360 else 0.5]))
     s = n.summary()
     assert s["collapsed_layers"] == [] and s["layer_sparsity"][1] == pytest.approx(1 - round(0.22 * T) / T / 16)
+
+
+def test_only_dense_has_no_experts():
+    """ModelConfig.is_moe reads the name (routing != dense, config.DENSE) so that the config needs no method
+    registry; a method whose `moe` disagrees is refused when its class is defined."""
+    from remoe.model.config import DENSE
+    from remoe.model.routing import METHODS, RoutingMethod
+
+    for name, cls in METHODS.items():
+        assert cls.moe == (name != DENSE)
+    with pytest.raises(TypeError, match="only 'dense' has no experts"):
+        type("NoExperts", (RoutingMethod,), {"name": "noexperts_test", "moe": False})
+    assert "noexperts_test" not in METHODS

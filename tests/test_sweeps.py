@@ -11,8 +11,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST, ROOT
-from remoe.runs import keep_records, read_summary
-from remoe.settings import register_resolvers, validate
+from remoe.resolvers import register_resolvers
+from remoe.train.record import keep_records, read_summary
+from remoe.train.spec import validate
 
 register_resolvers()
 SWEEPS = sorted(f"{p.parent.name}/{p.stem}" for p in (ROOT / "sweeps").glob("*/*.yaml"))

@@ -88,8 +88,7 @@ def test_a_sharded_checkpoint_is_read_without_pickle_and_a_crafted_one_is_refuse
     """torch.distributed.checkpoint's FileSystemReader unpickles .metadata; remoe.checkpoint reads it with an
     unpickler that knows only the checkpoint-metadata classes. The honest folder loads (evaluate reads it);
     the same folder with a crafted .metadata is refused by evaluate and export, and the code never runs."""
-    from remoe.checkpoint import read_sharded_metadata
-    from remoe.eval.adapter import load_checkpoint
+    from remoe.checkpoint import load_checkpoint, read_sharded_metadata
 
     ckpt = _sharded_from(trained, tmp_path)
     model, _, _ = load_checkpoint(str(ckpt))

@@ -16,8 +16,9 @@ import os
 import lightning as L
 import torch
 
-from .callbacks import step_ends
+from .io import write_json_atomic
 from .model.stats import layer_sparsity
+from .train.callbacks import step_ends
 
 
 @torch.no_grad()
@@ -94,8 +95,6 @@ class FlipProbe(L.Callback):
 
 
 def write_analysis(path: str, data: dict) -> None:
-    from .runs import write_json_atomic
-
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_json_atomic(path, data)
 

@@ -26,13 +26,16 @@ from __future__ import annotations
 import io
 import math
 import os
+import pathlib
 import pickle
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from .cli import UsageError, first_line
-from .runs import remove_leftovers
+from .io import remove_leftovers
+from .model import ModelConfig, Transformer, param_counts
 
 META = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor part (lightning.fabric.utilities.load)
 # The layout of what training adds to a checkpoint (hyper_parameters model/optim/routing, routing_state,
@@ -109,10 +112,8 @@ def check_shapes(cfg, stored: dict[str, tuple[int, ...]]) -> None:
     """ValueError unless a model of `cfg` has exactly the stored tensors. The config's parameter count
     (arithmetic) is checked against the stored numbers first, so no config larger than the file is ever
     built; then the model is built on the meta device (no memory) and its state dict compared."""
-    if cfg.param_counts()["total"] > sum(math.prod(s) for s in stored.values()):
-        raise ValueError(f"its config describes {cfg.param_counts()['total']:,} parameters, it stores fewer")
-    from .model import Transformer
-
+    if param_counts(cfg)["total"] > sum(math.prod(s) for s in stored.values()):
+        raise ValueError(f"its config describes {param_counts(cfg)['total']:,} parameters, it stores fewer")
     with torch.device("meta"):
         want = {f"model.{k}": tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     if want != stored:
@@ -137,7 +138,6 @@ def open_checkpoint(path: str) -> dict:
 def _allowed_globals() -> dict[tuple[str, str], object]:
     """What a `.metadata` written by torch.distributed.checkpoint refers to: its dataclasses, torch dtypes,
     sizes and layouts, and a path (StorageMeta.checkpoint_id). Constructing any of them runs no user code."""
-    import pathlib
 
     from torch.distributed.checkpoint import filesystem, metadata
 
@@ -307,3 +307,31 @@ def checkpoint_io():
 def remove_stale_partials(folder: str | Path) -> None:
     """Delete `.<name>.partial-<pid>` files of save_atomic whose process is gone (a kill mid-save)."""
     remove_leftovers(str(folder), r"\..+\.partial-(?P<pid>\d+)")
+
+
+def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer, dict]:
+    """(model on CPU, tokenizer, checkpoint hyperparameters) from a checkpoint written by training (a file, or
+    a sharded folder from trainer=fsdp: its weights only are read). Anything that is not such a checkpoint
+    (missing, truncated, foreign, crafted to run code, weights of another architecture) is a CheckpointError
+    (a ValueError) whose one line names the file; nothing in it is executed (this module), and no model
+    is built whose size the stored weights do not match."""
+    ckpt = open_checkpoint(path)  # a file, or a sharded folder's meta.pt (trainer=fsdp)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if not (isinstance(hp, dict) and isinstance(hp.get("model"), dict) and isinstance(ckpt.get("tokenizer"), str)
+            and (isinstance(ckpt.get("state_dict"), dict) or is_sharded(path))):
+        raise CheckpointError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
+                              "tokenizer inside)")
+    check_format(ckpt, path)
+    try:
+        cfg = ModelConfig.from_dict(hp["model"])
+        check_shapes(cfg, stored_shapes(path, ckpt))
+        model = Transformer(cfg)
+        weights = load_state_dict(path, {f"model.{k}": v for k, v in model.state_dict().items()})
+        state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+        model.load_state_dict(state, strict=True)
+        tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
+    except Exception as e:  # a config no model can have, weights of another shape, a crafted shard ...
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else "-"
+        raise CheckpointError(f"checkpoint: {path!r} cannot be loaded as the model its config describes "
+                              f"({type(e).__name__}: {why})") from None
+    return model.eval(), tokenizer, hp

@@ -1,7 +1,7 @@
 """What every entry script does with what goes wrong: bad input is one line on stderr naming the key or
 file, exit code 2, before any compute; nothing prints a traceback unless the user asks for one.
 
-- UsageError (and its subclasses: settings.ConfigError, export.ExportError) and Hydra's / OmegaConf's own
+- UsageError (and its subclasses: train.spec.ConfigError, export.ExportError) and Hydra's / OmegaConf's own
   errors about the command line or the config (an unknown group option, a key not in the config, bad
   override syntax) -> `<prog>: config error: <first line>`, exit 2.
 - A file system that is full or read-only, a path that cannot be written -> one line naming it, exit 2.

@@ -5,9 +5,9 @@ Each silenced message is named exactly (not a blanket filter), with why it is no
 - torch's deprecation of `isinstance(treespec, LeafSpec)`, raised inside Lightning 2.6's own
   utilities/_pytree.py (Lightning's to fix; nothing a user can act on);
 - W&B's "The anonymous setting has no effect": Lightning's WandbLogger always passes `anonymous`
-  (None); remoe.loggers.WandbLogger leaves it out.
+  (None); remoe.train.loggers.WandbLogger leaves it out.
 - Lightning's CSV "Previous log files in this directory will be deleted": true of Lightning's logger;
-  remoe.loggers.CSVLogger keeps them (resumable metrics.csv), so the warning is gone with the cause.
+  remoe.train.loggers.CSVLogger keeps them (resumable metrics.csv), so the warning is gone with the cause.
 """
 
 from __future__ import annotations

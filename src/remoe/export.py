@@ -23,8 +23,14 @@ import tempfile
 
 import torch
 
-from .cli import UsageError, unwritable
-from .model import ModelConfig, Transformer
+from .checkpoint import CheckpointError, check_shapes, load_checkpoint, overlaps, run_dir_of
+from .cli import UsageError, guard, task, unwritable
+from .console import quiet_third_party
+from .data.tokenizer import EOS
+from .io import remove_leftovers
+from .model import ModelConfig, Transformer, param_counts
+from .model.presets import CONF_DIR
+from .train.record import read_summary
 
 log = logging.getLogger("remoe")
 VERIFY_ATOL = 1e-5
@@ -49,8 +55,6 @@ def _check_out(checkpoint: str, out: str, overwrite: bool) -> None:
     """Refuse an output folder that would replace or sit inside what the export reads (the checkpoint, its
     run folder), an existing non-empty folder without overwrite=true, and anything but an earlier export
     with it; nothing is written before these pass."""
-    from .checkpoint import overlaps, run_dir_of
-
     for what, path in (("the checkpoint", checkpoint), ("the checkpoint's run folder", run_dir_of(checkpoint))):
         if path and os.path.exists(path) and overlaps(out, path):
             raise ExportError(f"out: {out} is, holds or lies inside {what} ({path}): an export never writes "
@@ -80,8 +84,6 @@ def permissions_as_umask(folder: str) -> None:
 
 def _remove_stale_temps(parent: str, name: str) -> None:
     """Leftovers of an export killed midway (<name>_partial_<pid>_*, <name>_old_<pid>_*) whose process is gone."""
-    from .runs import remove_leftovers
-
     for path in remove_leftovers(parent, re.escape(name) + r"_(partial|old)_(?P<pid>\d+)_.*"):
         log.warning("export: removed %s, left by an export that was stopped midway", path)
 
@@ -187,8 +189,6 @@ def hf_tokenizer(tokenizer, cfg: ModelConfig):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from .data.tokenizer import EOS
-
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),
         eos_token=EOS,
@@ -199,76 +199,50 @@ def hf_tokenizer(tokenizer, cfg: ModelConfig):
 
 
 def model_card(cfg: ModelConfig, summary: dict, repo: str | None) -> str:
-    counts = cfg.param_counts()
+    """README.md of an export: what the model is, how it was trained, how to load it."""
     name = {"dense": f"Dense×{cfg.ffn_mult}" if cfg.ffn_mult > 1 else "Dense"}.get(cfg.routing, cfg.routing)
     tags = "tags: [mixture-of-experts, remoe]" if cfg.is_moe else "tags: [remoe]"
-    lines = [
-        "---",
-        "library_name: transformers",
-        tags,
-        "---",
-        "",
-        f"# {repo or name} ({cfg.routing})",
-        "",
-        "Trained with remoe (a ReMoE replication pipeline); exported by its `src/export.py`.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| routing | {cfg.routing} |",
-    ]
+    lines = ["---", "library_name: transformers", tags, "---", "", f"# {repo or name} ({cfg.routing})", "",
+             "Trained with remoe (a ReMoE replication pipeline); exported by its `src/export.py`.", ""]
+    return "\n".join(lines + _card_table(cfg, summary) + _card_usage(cfg)) + "\n"
+
+
+def _card_table(cfg: ModelConfig, summary: dict) -> list[str]:
+    """The model card's table: the architecture, then the training record's numbers."""
+    counts = param_counts(cfg)
+    lines = ["| | |", "|---|---|", f"| routing | {cfg.routing} |"]
     if cfg.is_moe:
-        lines += [
-            f"| experts E, top-k / target k, granularity G | {cfg.experts}, {cfg.topk}, "
-            f"{cfg.granularity} ({cfg.n_experts} experts of {cfg.expert_ffn} units, {cfg.n_active} "
-            "active) |"
-        ]
+        lines.append(f"| experts E, top-k / target k, granularity G | {cfg.experts}, {cfg.topk}, {cfg.granularity} "
+                     f"({cfg.n_experts} experts of {cfg.expert_ffn} units, {cfg.n_active} active) |")
     lines += [
         f"| layers, d_model, heads (kv) | {cfg.n_layer}, {cfg.d_model}, {cfg.n_head} ({cfg.n_kv_head}) |",
         f"| parameters: total, active | {counts['total']:,}, {counts['active']:,} |",
     ]
-    for key, label in (
-        ("train_tokens", "training tokens"),
-        ("steps", "steps"),
-        ("val_loss", "validation loss"),
-        ("sparsity", "sparsity (last 10% of steps)"),
-        ("seed", "seed"),
-        ("git_commit", "code"),
-    ):
-        if summary.get(key) is not None:
-            v = summary[key]
-            lines.append(
-                f"| {label} | {v:,} |"
-                if isinstance(v, int)
-                else f"| {label} | {v:.4f} |"
-                if isinstance(v, float)
-                else f"| {label} | {v} |"
-            )
-    for task, metrics in sorted((summary.get("downstream") or {}).items()):
+    for key, label in (("train_tokens", "training tokens"), ("steps", "steps"), ("val_loss", "validation loss"),
+                       ("sparsity", "sparsity (last 10% of steps)"), ("seed", "seed"), ("git_commit", "code")):
+        v = summary.get(key)
+        if v is not None:
+            shown = f"{v:,}" if isinstance(v, int) else f"{v:.4f}" if isinstance(v, float) else f"{v}"
+            lines.append(f"| {label} | {shown} |")
+    for name, metrics in sorted((summary.get("downstream") or {}).items()):
         if "acc" in metrics:
-            lines.append(f"| {task} acc | {metrics['acc']:.4f} |")
+            lines.append(f"| {name} acc | {metrics['acc']:.4f} |")
+    return lines
+
+
+def _card_usage(cfg: ModelConfig) -> list[str]:
+    """How to load it with transformers, and what its MoE layers give back."""
     trust = ", trust_remote_code=True" if cfg.is_moe else ""
-    lines += [
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained(PATH{trust})",
-        f"tok = AutoTokenizer.from_pretrained(PATH{trust})",
-        "```",
-    ]
+    lines = ["", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             f"model = AutoModelForCausalLM.from_pretrained(PATH{trust})",
+             f"tok = AutoTokenizer.from_pretrained(PATH{trust})", "```"]
     if cfg.is_moe:
-        lines += [
-            "",
-            "`model(ids, output_router_logits=True).router_logits`: each MoE layer's gates (tokens, "
-            "E·G); zeros are experts a token was not routed to. No KV cache: generation recomputes the "
-            "prefix.",
-        ]
+        lines += ["", "`model(ids, output_router_logits=True).router_logits`: each MoE layer's gates (tokens, "
+                  "E·G); zeros are experts a token was not routed to. No KV cache: generation recomputes the prefix."]
     if cfg.routing == "ec":
-        lines += [
-            "",
-            "Expert Choice routing is not causal across the batch: a token's experts depend on the "
-            "other tokens of its forward.",
-        ]
-    return "\n".join(lines) + "\n"
+        lines += ["", "Expert Choice routing is not causal across the batch: a token's experts depend on the "
+                  "other tokens of its forward."]
+    return lines
 
 
 def _max_abs_diff(model: Transformer, hf, vocab: int) -> float:
@@ -282,15 +256,10 @@ def export(
     checkpoint: str, out: str, overwrite: bool = False, max_shard_size: str | int = "5GB", verify: bool = True
 ) -> str:
     """Write the Hugging Face folder `out` for a training checkpoint; returns its path."""
-    from .eval.adapter import load_checkpoint
-
     try:
         from transformers import AutoModelForCausalLM, GenerationConfig
     except ImportError:
         raise ExportError("export needs transformers: pip install -e '.[hf]'") from None
-    from .checkpoint import run_dir_of
-    from .runs import read_summary
-
     out = os.path.abspath(out)
     _check_out(checkpoint, out, overwrite)
     model, tokenizer, _ = load_checkpoint(checkpoint)  # CheckpointError: one line, exit 2
@@ -367,8 +336,6 @@ def load_hf(folder: str) -> tuple[Transformer, object, dict]:
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
-    from .checkpoint import CheckpointError, check_shapes
-
     def fail(why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint: {folder!r} {why}")
 
@@ -417,8 +384,6 @@ def load_hf(folder: str) -> tuple[Transformer, object, dict]:
 
 # ---- entry point (src/export.py, console script remoe-export) -----------------------------------------
 def _main(cfg) -> None:
-    from .console import quiet_third_party
-
     quiet_third_party()
     try:
         from transformers.utils import logging as hf_logging
@@ -437,9 +402,6 @@ def main() -> None:
     """src/export.py and the remoe-export console script: Hydra composes conf/export.yaml; remoe.cli.guard
     turns bad input into one line and exit code 2."""
     import hydra
-
-    from .cli import guard, task
-    from .model.presets import CONF_DIR
 
     guard(hydra.main(config_path=str(CONF_DIR), config_name="export", version_base="1.3")(task("export")(_main)),
           "export")

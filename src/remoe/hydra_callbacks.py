@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -25,13 +26,12 @@ class ValidateOnRunStart(Callback):
     process here: one line on stderr (remoe.cli.describe), exit code 2."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        import copy
-        import sys
 
         from hydra.core.hydra_config import HydraConfig
 
         from .cli import describe
-        from .settings import ConfigError, derive, run_mode_defaults, validate
+        from .resolvers import run_mode_defaults
+        from .train.spec import ConfigError, derive, validate
 
         HydraConfig.instance().set_config(config)  # as Hydra's run_job does next: ${hydra:...} resolves
         try:
@@ -75,10 +75,11 @@ POINT_OVERHEAD_S = 40  # start-up, validation and evaluation of one point (the d
 
 def point_cost(cfg) -> tuple[float, float]:
     """(training tokens, cost units in millions) of one composed training config."""
-    from .settings import model_config
+    from .model import param_counts
+    from .train.spec import model_config
 
     vocab = cfg.data.get("vocab_size") or 50257
-    counts = model_config(cfg, vocab_size=vocab).param_counts()
+    counts = param_counts(model_config(cfg, vocab_size=vocab))
     size = cfg.size
     tokens = size.max_steps * size.global_batch_size * size.seq_len
     return tokens, (counts["active"] + counts["total"] / 10) / 1e6

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import ModelConfig, Transformer
+from .model import METHODS, ModelConfig, Transformer, param_counts
 from .model.flops import register_flop_formulas
 
 HEADROOM = 0.85
@@ -156,14 +156,43 @@ def make_plan(
 ) -> dict:
     """The plan as a dict (plan.json); `stage1`: the routing method has a dense start (ReMoE);
     recompute_above: the run's moe_recompute_above (experts per token)."""
-    counts = cfg.param_counts()
+    counts = param_counts(cfg)
+    m = measure(cfg, seq_len, precision)
+    memory = _memory(cfg, m, counts["total"], micro_batch * seq_len, precision, cluster, stage1, recompute_above)
+    stage1_steps = min(STAGE1_STEPS, max_steps)
+    timing = _timing(cfg, m, max_steps * global_batch * seq_len, stage1_steps, stage1_steps * global_batch * seq_len,
+                     cluster, stage1)
+    if timing["stage1"]:
+        timing["stage1"]["activation_gb"] = memory["stage1_act"] / 2**30
+    return {
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "precision": precision,
+        "state_bytes_per_param": memory["state_per_param"],
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "activation_gb_steady": memory["steady_act"] / 2**30,
+        "stage1": timing["stage1"],
+        "flops_per_token": timing["fpt"],
+        "moe_recompute_above": recompute_above,
+        "tokens": timing["tokens"],
+        "hours": timing["seconds"] / 3600,
+        "cluster": dict(cluster),
+        "world": memory["world"],
+        "headroom": HEADROOM,
+        "strategies": memory["strategies"],
+        "measured": m,
+    }
+
+
+def _memory(cfg: ModelConfig, m: dict, total_params: int, tokens_mb: int, precision: str, cluster: dict,
+            stage1: bool, recompute_above: float | None) -> dict:
+    """Training state and activations per GPU under each strategy (the Stage I peak where there is one)."""
     _, wbytes = _precision(precision)
     state_per_param = 4 * wbytes  # weights, grads, two AdamW moments
     gpus, nodes = int(cluster["gpus_per_node"]), int(cluster["nodes"])
     world = gpus * nodes
     mem = float(cluster["gpu_memory_gb"]) * 2**30
-    m = measure(cfg, seq_len, precision)
-    tokens_mb = micro_batch * seq_len
     k = cfg.n_active if cfg.is_moe else 0
     steady_act = activation_bytes(m, cfg.n_layer, tokens_mb, k)
     stage1_act = None
@@ -171,50 +200,31 @@ def make_plan(
         recompute = recompute_above is not None and cfg.n_experts > recompute_above
         stage1_act = activation_bytes(m, cfg.n_layer, tokens_mb, cfg.n_experts, recompute)
     peak_act = max(steady_act, stage1_act or 0)
-    state = counts["total"] * state_per_param
+    state = total_params * state_per_param
     shards = {"ddp": 1, "fsdp": world, "fsdp_hybrid": gpus}
     strategies = {}
     for s in STRATEGIES:
         per_gpu = state / shards[s] + peak_act
-        strategies[s] = {
-            "state_gb": state / shards[s] / 2**30,
-            "peak_gb": per_gpu / 2**30,
-            "fits": per_gpu <= HEADROOM * mem,
-        }
+        strategies[s] = {"state_gb": state / shards[s] / 2**30, "peak_gb": per_gpu / 2**30,
+                         "fits": per_gpu <= HEADROOM * mem}
+    return {"state_per_param": state_per_param, "world": world, "steady_act": steady_act, "stage1_act": stage1_act,
+            "strategies": strategies}
+
+
+def _timing(cfg: ModelConfig, m: dict, tokens: int, stage1_steps: int, stage1_tokens: int, cluster: dict,
+            stage1: bool) -> dict:
+    """Training FLOPs per token and hours at the cluster's rate; Stage I's all-expert steps counted apart."""
+    k = cfg.n_active if cfg.is_moe else 0
     fpt = flops_per_token(m, cfg.n_layer, k)
-    total_tokens = max_steps * global_batch * seq_len
+    world = int(cluster["gpus_per_node"]) * int(cluster["nodes"])
     rate = world * float(cluster["peak_tflops"]) * 1e12 * float(cluster["mfu"])
-    seconds = total_tokens * fpt / rate
+    seconds = tokens * fpt / rate
     s1 = None
     if stage1:
-        s1_tokens = min(STAGE1_STEPS, max_steps) * global_batch * seq_len
         s1_fpt = flops_per_token(m, cfg.n_layer, cfg.n_experts / 2)
-        s1 = {
-            "steps": min(STAGE1_STEPS, max_steps),
-            "flops_per_token": s1_fpt,
-            "hours": s1_tokens * s1_fpt / rate / 3600,
-            "activation_gb": stage1_act / 2**30,
-        }
-        seconds += s1_tokens * (s1_fpt - fpt) / rate
-    return {
-        "params_total": counts["total"],
-        "params_active": counts["active"],
-        "precision": precision,
-        "state_bytes_per_param": state_per_param,
-        "micro_batch": micro_batch,
-        "seq_len": seq_len,
-        "activation_gb_steady": steady_act / 2**30,
-        "stage1": s1,
-        "flops_per_token": fpt,
-        "moe_recompute_above": recompute_above,
-        "tokens": total_tokens,
-        "hours": seconds / 3600,
-        "cluster": dict(cluster),
-        "world": world,
-        "headroom": HEADROOM,
-        "strategies": strategies,
-        "measured": m,
-    }
+        s1 = {"steps": stage1_steps, "flops_per_token": s1_fpt, "hours": stage1_tokens * s1_fpt / rate / 3600}
+        seconds += stage1_tokens * (s1_fpt - fpt) / rate
+    return {"fpt": fpt, "tokens": tokens, "seconds": seconds, "stage1": s1}
 
 
 def describe(p: dict) -> str:
@@ -269,10 +279,8 @@ def check_fits(p: dict, strategy: str) -> str | None:
 
 def plan_for(cfg, mcfg: ModelConfig) -> dict:
     """The plan of a composed (validated, derived) config."""
-    from .model import METHODS
-
     precision = str(cfg.trainer.precision)
-    if precision == "auto":  # what auto chooses on a bf16 GPU (remoe.precision)
+    if precision == "auto":  # what auto chooses on a bf16 GPU (remoe.train.precision)
         precision = "bf16-mixed"
     return make_plan(
         mcfg,

@@ -1,13 +1,16 @@
 """The config resolvers, the routing methods' knob defaults and run-mode defaults train.py needs before Hydra
 composes anything: kept free of torch and Lightning imports so that `train.py --help` starts in about a second
-(settings.py imports the rest)."""
+(train/spec.py imports the rest)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import sys
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .model.knobs import register_knob_configs
 
 
 def slug(overrides: str | None) -> str:
@@ -24,7 +27,6 @@ def grid_slug(excluded=(), task_overrides=None) -> str:
     sweeps included; default: this process's command line, as Hydra's own sweep-dir resolution has no
     ${hydra:} access yet. The same command lands in the same folder, so rerunning it skips completed points
     and resumes cut ones."""
-    import sys
 
     if task_overrides is None:
         task_overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
@@ -40,8 +42,6 @@ def grid_slug(excluded=(), task_overrides=None) -> str:
 def register_resolvers() -> None:
     """Everything conf/ needs from Python: the ${remoe_*:} resolvers and each routing method's knobs
     (ConfigStore group _knobs, included by conf/model/<name>.yaml)."""
-    from .model.knobs import register_knob_configs
-
     register_knob_configs()
     if not OmegaConf.has_resolver("remoe_slug"):
         OmegaConf.register_new_resolver("remoe_slug", slug)

@@ -131,6 +131,41 @@ def routing_syncs(device: str, size: str, precision: str, tokens: int = 512) -> 
     return rows
 
 
+def _throughput(out: dict, label: str, res: dict, E: int, k: int, G: int) -> None:
+    """One bench_models result into the suite's throughput list, with its setting and peak memory."""
+    peaks = [r["peak_memory_gb"] for r in res["rows"] if r["peak_memory_gb"] is not None]
+    res["peak_memory_gb"] = max(peaks, default=None)  # each row's: its timed steps (bench_models resets)
+    res["config"] = {"experts": E, "topk": k, "granularity": G}
+    res["setting"] = label
+    out["throughput"].append(res)
+
+
+def _paper_part(out: dict, paper: dict, dev: torch.device, dtype: torch.dtype) -> None:
+    """The paper's setting (E=8, k=1) beside Hugging Face's Llama and Mixtral; where each of ours spends its step."""
+    res = bench_models(experts=8, topk=1, granularity=1, models=("dense", "topk", "remoe", "hf_llama", "hf_mixtral"),
+                       **paper)
+    _throughput(out, "paper", res, 8, 1, 1)
+    for name in ("dense", "topk", "remoe"):
+        b = prepare(name, paper["size"], paper["vocab"], paper["batch"], paper["seq"], dev, dtype, experts=8)
+        b.model.set_pair_capacity(dev.type == "cuda")
+        b.train_step()
+        out["profiles"][name] = {**profile_train(b.train_step, dev), **count_syncs(b.train_step, dev)}
+        b = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _e64_part(out: dict, paper: dict) -> None:
+    """E=64 at the paper's batch, each row against the paper part's dense row (same batch, vocabulary, process)."""
+    res = bench_models(experts=64, topk=1, granularity=1, models=("topk", "remoe"), **paper)
+    dense = next((r for t in out["throughput"] if t["setting"] == "paper" for r in t["rows"]
+                  if r["model"] == "dense"), None)
+    if dense:
+        for r in res["rows"]:
+            r["train_vs_dense"] = r["train_tokens_per_s"] / dense["train_tokens_per_s"]
+    _throughput(out, "e64", res, 64, 1, 1)
+
+
 def run_suite(device: str = "cuda", size: str = "182m", precision: str = "bf16", batch: int = 4,
               seq: int | None = None, reps: int = 3, configs=CONFIGS, checks=CHECKS, on_part=None,
               parts=PARTS, paper_batch: int = 16, paper_vocab: int = GPT2_VOCAB) -> dict:
@@ -147,62 +182,27 @@ def run_suite(device: str = "cuda", size: str = "182m", precision: str = "bf16",
     paper = dict(size=size, precision=precision, device=device, batch=paper_batch, seq=seq, reps=reps,
                  vocab=paper_vocab, peak=peak)
 
-    def part(name, fn):
-        if name not in parts:
-            return
-        t = time.time()
-        fn()
-        out["wall_s"][name] = time.time() - t
-        if on_part:
-            on_part(out)
-
-    def throughput(label, res, E, k, G):
-        peaks = [r["peak_memory_gb"] for r in res["rows"] if r["peak_memory_gb"] is not None]
-        res["peak_memory_gb"] = max(peaks, default=None)  # each row's: its timed steps (bench_models resets)
-        res["config"] = {"experts": E, "topk": k, "granularity": G}
-        res["setting"] = label
-        out["throughput"].append(res)
-
-    def paper_part():
-        res = bench_models(experts=8, topk=1, granularity=1,
-                           models=("dense", "topk", "remoe", "hf_llama", "hf_mixtral"), **paper)
-        throughput("paper", res, 8, 1, 1)
-        for name in ("dense", "topk", "remoe"):  # where each of ours spends its step
-            b = prepare(name, size, paper_vocab, paper_batch, seq, dev, dtype, experts=8)
-            b.model.set_pair_capacity(dev.type == "cuda")
-            b.train_step()
-            out["profiles"][name] = {**profile_train(b.train_step, dev), **count_syncs(b.train_step, dev)}
-            b = None
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-
     def base_part():
         for E, k, G in configs:
-            res = bench_models(size, experts=E, topk=k, granularity=G, precision=precision, device=device,
-                               batch=batch, seq=seq, reps=reps, peak=peak)
-            throughput("base", res, E, k, G)
+            _throughput(out, "base", bench_models(size, experts=E, topk=k, granularity=G, precision=precision,
+                                                  device=device, batch=batch, seq=seq, reps=reps, peak=peak), E, k, G)
 
-    def e64_part():
-        res = bench_models(experts=64, topk=1, granularity=1, models=("topk", "remoe"), **paper)
-        dense = next((r for t in out["throughput"] if t["setting"] == "paper" for r in t["rows"]
-                      if r["model"] == "dense"), None)
-        if dense:  # the paper part's dense row: same batch, vocabulary and process
-            for r in res["rows"]:
-                r["train_vs_dense"] = r["train_tokens_per_s"] / dense["train_tokens_per_s"]
-        throughput("e64", res, 64, 1, 1)
-
-    def compiled_part():
-        res = bench_models(experts=8, topk=1, granularity=1, models=("dense", "topk", "remoe"), compile=True,
-                           **paper)
-        throughput("compiled", res, 8, 1, 1)
-
-    part("checks", lambda: out["checks"].extend(check_grouped_mm(device, precision, E, k, G)
-                                                 for E, k, G in checks))
-    part("syncs", lambda: out["syncs"].extend(routing_syncs(device, size, precision)))
-    part("paper", paper_part)
-    part("base", base_part)
-    part("e64", e64_part)
-    part("compiled", compiled_part)
+    run = {
+        "checks": lambda: out["checks"].extend(check_grouped_mm(device, precision, E, k, G) for E, k, G in checks),
+        "syncs": lambda: out["syncs"].extend(routing_syncs(device, size, precision)),
+        "paper": lambda: _paper_part(out, paper, dev, dtype),
+        "base": base_part,
+        "e64": lambda: _e64_part(out, paper),
+        "compiled": lambda: _throughput(out, "compiled", bench_models(
+            experts=8, topk=1, granularity=1, models=("dense", "topk", "remoe"), compile=True, **paper), 8, 1, 1),
+    }
+    for name in PARTS:  # in this order
+        if name in parts:
+            t = time.time()
+            run[name]()
+            out["wall_s"][name] = time.time() - t
+            if on_part:
+                on_part(out)
     return out
 
 

@@ -13,9 +13,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..lit import adamw_impl, compile_blocks
 from ..model import RoutingStats, Transformer, build_method, preset
 from ..model.flops import count_flops
+from ..train.module import compile_blocks
+from ..train.optim import adamw_impl
 from .common import DTYPES, matmul_peak, spread, time_fns, time_samples
 from .peers import PEERS, build_peer
 from .syncs import CountSyncs

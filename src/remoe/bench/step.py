@@ -1,7 +1,7 @@
 """Where a training step's time goes, and what Lightning costs on top of a bare PyTorch loop.
 
 For one composed config (`size=small model=topk ...`), in one process:
-  lightning: the real pipeline (remoe.pipeline.train: its callbacks, CSV logger, routing logs, flip probes),
+  lightning: the real pipeline (remoe.train.run.train: its callbacks, CSV logger, routing logs, flip probes),
              per-step seconds from its own train/tokens_per_s (TrainThroughput: successive step ends, so data
              loading and every hook count);
   bare:      the same model, routing method, data loader, AdamW + schedule, autocast and gradient clipping
@@ -25,6 +25,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from ..model import RoutingStats
+from ..model.presets import CONF_DIR
+from ..resolvers import register_resolvers
+from ..train.module import LitLM, compile_blocks
+from ..train.optim import build_optimizer
+from ..train.run import build_data, resolve_precision, train
+from ..train.spec import derive, routing_knobs, validate
+
 PHASES = ("forward", "backward", "optimizer", "between")  # "between": data loading, routing update, logging
 KINDS = {  # first match wins; an op inside the expert stage is "expert stage" whatever it is
     "attention kernel": ("scaled_dot_product",),
@@ -40,9 +48,6 @@ KINDS = {  # first match wins; an op inside the expert stage is "expert stage" w
 
 def compose_config(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
-
-    from ..model.presets import CONF_DIR
-    from ..settings import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -77,12 +82,10 @@ def breakdown(prof, steps: int) -> dict:
 
 
 class BareLoop:
-    """The training step of remoe.lit.LitLM without Lightning: same model, routing method, optimizer and
+    """The training step of remoe.train.module.LitLM without Lightning: same model, routing method, optimizer and
     schedule (LitLM.configure_optimizers' pieces), autocast, clipping; the routing update after each step."""
 
     def __init__(self, cfg: DictConfig, mcfg, knobs: dict, loader, accumulate: int):
-        from ..lit import LitLM, build_optimizer, compile_blocks
-
         self.lit = LitLM(model=mcfg, routing=knobs, optim=OmegaConf.to_container(cfg.optim, resolve=True))
         if cfg.get("compile"):
             compile_blocks(self.lit.model)
@@ -94,8 +97,6 @@ class BareLoop:
 
     def run(self, steps: int, prof=None) -> list[float]:
         """Seconds per optimizer step (successive step ends, as TrainThroughput measures Lightning's)."""
-        from ..model import RoutingStats
-
         lit, times, it = self.lit, [], iter(self.loader)
         lit.train()
         t_prev = time.perf_counter()
@@ -135,9 +136,6 @@ def lightning_step_seconds(run_dir: str, tokens_per_step: int) -> list[float]:
 
 def bench_step(overrides: list[str], steps: int = 20, warmup: int = 5, profile_steps: int = 3) -> dict:
     """One config: Lightning vs bare per-step seconds (medians after `warmup` steps) and the profile."""
-    from ..pipeline import build_data, resolve_precision, train
-    from ..settings import derive, routing_knobs, validate
-
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
         cfg = compose_config([*overrides, "logger=csv", "eval=none", f"size.max_steps={warmup + steps}",
@@ -145,7 +143,7 @@ def bench_step(overrides: list[str], steps: int = 20, warmup: int = 5, profile_s
                               f"paths.root={tmp}", f"trainer.default_root_dir={run_dir}",
                               f"logger.csv.save_dir={run_dir}", "report_on_multirun_end=false"])
         light_cfg = cfg.copy()  # the pipeline resolves its own precision and derives its own batch split
-        mcfg = validate(cfg)
+        mcfg = validate(cfg).model
         derive(cfg)
         resolve_precision(cfg, mcfg)  # as the pipeline does, so both loops train at the same precision
         dm, mcfg = build_data(cfg, mcfg)

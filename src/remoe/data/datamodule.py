@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 
@@ -28,6 +29,7 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
+from ..io import remove_leftovers
 from .corpus import expand_files, fingerprint, is_validation, stdlib_documents, stdlib_key
 from .packages import package_documents
 from .tokenizer import cached_bpe, eos_id, load_tokenizer
@@ -100,9 +102,6 @@ def check_prepare_target(source: str, out: str) -> None:
 
 def _remove_stale_partials(out: str) -> None:
     """<out>.partial-<pid> folders of a preparation that was killed (its process is gone)."""
-    import re
-
-    from ..runs import remove_leftovers
 
     parent, name = os.path.split(out)
     remove_leftovers(parent or ".", re.escape(name) + r"\.partial-(?P<pid>\d+)")

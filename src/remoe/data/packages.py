@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from filelock import FileLock
 
-from ..runs import remove_leftovers
+from ..io import remove_leftovers
 
 
 class Pin(NamedTuple):

@@ -12,6 +12,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ..cli import UsageError, first_line, guard, task, unwritable
+from ..model.presets import CONF_DIR
+from .corpus import check_text_file, expand_files
 from .datamodule import PREPARED, SOURCES, LMDataModule, check_prepare_target
 
 log = logging.getLogger("remoe")
@@ -32,9 +35,6 @@ def loading_rate(folder: str, seq_len: int, micro_batch: int, batches: int) -> f
 def check(cfg: DictConfig) -> str:
     """Everything about the request that can be checked before any work (UsageError naming the key or
     file); returns the output folder."""
-    from ..cli import UsageError, unwritable
-    from .corpus import check_text_file, expand_files
-
     out = os.path.abspath(str(cfg.out))
     try:
         check_prepare_target(cfg.data.source, out)
@@ -59,8 +59,6 @@ def check(cfg: DictConfig) -> str:
 
 
 def prepare(cfg: DictConfig) -> dict:
-    from ..cli import UsageError, first_line
-
     out = check(cfg)
     dm = instantiate(cfg.data)
     try:
@@ -87,8 +85,5 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """src/prepare_data.py: bad input is one line and exit code 2 before any work (remoe.cli)."""
-    from ..cli import guard, task
-    from ..model.presets import CONF_DIR
-
     guard(hydra.main(config_path=str(CONF_DIR), config_name="prepare_data", version_base="1.3")(
         task("prepare_data")(_main)), "prepare_data")

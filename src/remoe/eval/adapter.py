@@ -8,6 +8,8 @@ lm-eval's disjoint rolling windows; `generate_until` decodes greedily.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_utils
@@ -16,49 +18,12 @@ from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ..checkpoint import load_checkpoint
 from ..data.tokenizer import eos_id
-from ..model import ModelConfig, Transformer
+from ..model import Transformer
 
 DTYPES = {"float32": None, "32-true": None, "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
           "float16": torch.float16, "16-mixed": torch.float16}
-
-
-def load_checkpoint(path: str) -> tuple[Transformer, Tokenizer, dict]:
-    """(model on CPU, tokenizer, checkpoint hyperparameters) from a checkpoint written by training (a file, or
-    a sharded folder from trainer=fsdp: its weights only are read). Anything that is not such a checkpoint
-    (missing, truncated, foreign, crafted to run code, weights of another architecture) is a CheckpointError
-    (a ValueError) whose one line names the file; nothing in it is executed (remoe.checkpoint), and no model
-    is built whose size the stored weights do not match."""
-    from ..checkpoint import (
-        CheckpointError,
-        check_format,
-        check_shapes,
-        is_sharded,
-        load_state_dict,
-        open_checkpoint,
-        stored_shapes,
-    )
-
-    ckpt = open_checkpoint(path)  # a file, or a sharded folder's meta.pt (trainer=fsdp)
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not (isinstance(hp, dict) and isinstance(hp.get("model"), dict) and isinstance(ckpt.get("tokenizer"), str)
-            and (isinstance(ckpt.get("state_dict"), dict) or is_sharded(path))):
-        raise CheckpointError(f"checkpoint: {path!r} is not a remoe checkpoint (no model config, weights or "
-                              "tokenizer inside)")
-    check_format(ckpt, path)
-    try:
-        cfg = ModelConfig.from_dict(hp["model"])
-        check_shapes(cfg, stored_shapes(path, ckpt))
-        model = Transformer(cfg)
-        weights = load_state_dict(path, {f"model.{k}": v for k, v in model.state_dict().items()})
-        state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-        model.load_state_dict(state, strict=True)
-        tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
-    except Exception as e:  # a config no model can have, weights of another shape, a crafted shard ...
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else "-"
-        raise CheckpointError(f"checkpoint: {path!r} cannot be loaded as the model its config describes "
-                              f"({type(e).__name__}: {why})") from None
-    return model.eval(), tokenizer, hp
 
 
 @torch.no_grad()
@@ -93,7 +58,6 @@ class RemoeLM(TemplateLM):
             raise ValueError(f"remoe: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI defaults to --device cuda; on a CPU-only machine run where we can
-            import logging
 
             logging.getLogger("remoe").warning("remoe: CUDA is not available, evaluating on CPU")
             device = "cpu"

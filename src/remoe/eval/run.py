@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 
+from ..checkpoint import CheckpointError, is_sharded, load_checkpoint, open_checkpoint, run_dir_of
 from ..cli import UsageError, unwritable
-from ..runs import SUMMARY, read_summary, write_json_atomic
+from ..export import TRAINING_CONFIG, is_export, load_hf
+from ..io import write_json_atomic
+from ..train.record import SUMMARY, read_summary
 from .tasks import LOCAL_TASKS, PAPER_TASKS
 
 SUITES = {"local": LOCAL_TASKS, "paper": PAPER_TASKS}
@@ -24,7 +28,6 @@ class HubUnavailable(UsageError):
 def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
-    import socket
 
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
@@ -142,7 +145,6 @@ def data_module_from_record(resolved: str):
     name the code that runs)."""
     from omegaconf import OmegaConf
 
-    from ..checkpoint import CheckpointError
     from ..data.datamodule import LMDataModule
 
     try:
@@ -166,9 +168,6 @@ def evaluation_target(cfg) -> tuple[str, str, str | None]:
     config eval=local needs) for src/evaluate.py, checked before any model is loaded: a missing or foreign
     path, a checkpoint outside a run folder without out=, a folder results cannot be written to, a local
     suite without the run's recorded config: each a UsageError naming it."""
-    from ..checkpoint import CheckpointError, is_sharded, open_checkpoint, run_dir_of
-    from ..export import TRAINING_CONFIG, is_export
-
     ckpt = os.path.abspath(str(cfg.checkpoint))
     if not os.path.exists(ckpt):
         raise CheckpointError(f"checkpoint: no such file or folder {ckpt!r}")
@@ -201,12 +200,8 @@ def evaluate_checkpoint(cfg) -> dict:
     """Standalone evaluation of a checkpoint (src/evaluate.py); the local suite is rebuilt from the data
     config recorded in the run directory. Returns lm-eval's results; writes into the target folder
     (evaluation_target) lm_eval_results.json and summary.json's `downstream`."""
-    from .adapter import load_checkpoint
-
     kind, run_dir, resolved = evaluation_target(cfg)
     if kind == "export":
-        from ..export import load_hf
-
         model, tokenizer, _ = load_hf(os.path.abspath(cfg.checkpoint))
     else:
         model, tokenizer, _ = load_checkpoint(os.path.abspath(cfg.checkpoint))

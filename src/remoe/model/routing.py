@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from .config import ConfigFieldError, ModelConfig
+from .config import DENSE, ConfigFieldError, ModelConfig
 from .experts import SwiGLU
 from .knobs import AuxFreeKnobs, Knobs, ReMoEKnobs, TopKKnobs
 from .moe import MoELayer
@@ -89,6 +89,8 @@ class RoutingMethod:
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "name" in cls.__dict__:
+            if cls.moe != (cls.name != DENSE):  # ModelConfig.is_moe reads the name
+                raise TypeError(f"routing method {cls.name!r}: moe={cls.moe}, but only {DENSE!r} has no experts")
             METHODS[cls.name] = cls
 
     def __init__(self, cfg: ModelConfig, knobs: Knobs | None = None, **values):
@@ -105,7 +107,25 @@ class RoutingMethod:
         self.warned: set[int] = set()  # layers already reported as collapsing
         self.said_recovered: set[int] = set()  # warned layers reported as recovered at the end
 
+    def rebind(self, cfg: ModelConfig) -> RoutingMethod:
+        """This object for `cfg`, the architecture it was built for with the vocabulary the data gave (a run builds
+        its method once, before the data: train.spec.RunSpec); any other difference is an error."""
+        if dataclasses.replace(cfg, vocab_size=self.cfg.vocab_size) != self.cfg:
+            raise ValueError(f"routing method built for {self.cfg}, not for {cfg}")
+        self.cfg = cfg
+        return self
+
     # ---- model side: architecture only ----------------------------------------------------------
+    @classmethod
+    def check_arch(cls, cfg: ModelConfig) -> None:
+        """This method's checks of a model config (ConfigFieldError naming the field): a router option of another
+        method must stay at its default; a method with options of its own checks their values (super() first)."""
+        for f in dataclasses.fields(cfg):
+            owners = [m for m, c in METHODS.items() if f.name in c.arch_options]
+            if owners and cls.name not in owners and getattr(cfg, f.name) != f.default:
+                raise ConfigFieldError(f.name, f"an option of routing {'/'.join(owners)}, not of {cls.name!r} "
+                                       f"(got {getattr(cfg, f.name)!r})")
+
     @classmethod
     def build_ffn(cls, cfg: ModelConfig) -> nn.Module:
         return MoELayer(cfg, cls.build_router(cfg))
@@ -186,7 +206,7 @@ class RoutingMethod:
         return {"layer_sparsity": [1 - e / self.cfg.n_experts for e in per_token], "collapsed_layers": collapsed}
 
     def summary(self) -> dict:
-        """Fields this method adds to summary.json (names declared in runs.RunSummary)."""
+        """Fields this method adds to summary.json (names declared in train.record.RunSummary)."""
         if not self.moe:
             return {}
         c = self.cfg
@@ -230,7 +250,7 @@ class RoutingMethod:
 class Dense(RoutingMethod):
     """The dense LLaMA FFN (SwiGLU), optionally ffn_mult times wider ("Dense xM")."""
 
-    name = "dense"
+    name = DENSE
     moe = False
     arch_options = ("ffn_mult",)  # standard: 1 (the paper's "Dense"); 8 is its "Dense x8"
 
@@ -420,6 +440,13 @@ class ExpertChoice(RoutingMethod):
     arch_options = ("capacity_factor",)
 
     @classmethod
+    def check_arch(cls, cfg: ModelConfig) -> None:
+        super().check_arch(cfg)
+        c = cfg.capacity_factor
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+            raise ConfigFieldError("capacity_factor", f"must be > 0 (got {c!r})")
+
+    @classmethod
     def load_balanced(cls, values: Mapping[str, Any]) -> bool:
         return True  # every expert takes C tokens by construction
 
@@ -440,6 +467,18 @@ class AuxFree(RoutingMethod):
 
     name = "auxfree"
     arch_options = ("score_func", "norm_topk_prob")
+
+    @classmethod
+    def check_arch(cls, cfg: ModelConfig) -> None:
+        super().check_arch(cfg)
+        if cfg.score_func not in ("sigmoid", "softmax"):
+            raise ConfigFieldError("score_func", f"choose sigmoid or softmax (got {cfg.score_func!r})")
+        if not (cfg.norm_topk_prob is None or isinstance(cfg.norm_topk_prob, bool)):
+            raise ConfigFieldError("norm_topk_prob", "must be true, false or null (null: on iff topk*granularity > 1) "
+                                   f"(got {cfg.norm_topk_prob!r})")
+        if cfg.norm_topk_prob and cfg.n_active == 1:
+            raise ConfigFieldError("norm_topk_prob", "at one active expert every normalised gate is 1 and the router "
+                                   f"gets no gradient (got {cfg.norm_topk_prob!r})")
 
     Knobs = AuxFreeKnobs
 
@@ -479,10 +518,21 @@ class AuxFree(RoutingMethod):
                 "norm_topk_prob": self.cfg.normalizes_gates, "bias_update_rate": self.bias_update_rate}
 
 
+def method_of(cfg: ModelConfig) -> type[RoutingMethod]:
+    """The routing method class of a model config, after the method's checks of it (check_arch); an unknown
+    method or a bad router option raises ConfigFieldError naming the field."""
+    cls = METHODS.get(cfg.routing)
+    if cls is None:
+        raise ConfigFieldError("routing", f"unknown routing method; choose one of {sorted(METHODS)} "
+                               f"(got {cfg.routing!r})")
+    cls.check_arch(cfg)
+    return cls
+
+
 def build_method(cfg: ModelConfig, **knobs) -> RoutingMethod:
     """The routing method object of a model config, with its training knobs; a bad or unknown knob
     raises ConfigFieldError naming it."""
-    cls = METHODS[cfg.routing]
+    cls = method_of(cfg)
     accepted = {f.name for f in dataclasses.fields(cls.Knobs)}
     unknown = sorted(set(knobs) - accepted)
     if unknown:

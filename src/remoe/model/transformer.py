@@ -22,7 +22,7 @@ from torch import nn
 from .config import ModelConfig
 from .moe import MoELayer, PairCapacity
 from .routers import RouterOutput
-from .routing import METHODS
+from .routing import RoutingMethod, method_of
 
 log = logging.getLogger("remoe")
 
@@ -62,12 +62,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, method: type[RoutingMethod]):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = METHODS[cfg.routing].build_ffn(cfg)
+        self.ffn = method.build_ffn(cfg)
 
     def forward(self, x, cos, sin, idx) -> tuple[torch.Tensor, RouterOutput | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -84,8 +84,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        method = method_of(cfg)  # the routing method's checks of cfg, before anything is built
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, method) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         cos, sin = rope_cache(cfg)
@@ -168,3 +169,23 @@ class Transformer(nn.Module):
         for m in self.moe_layers():
             m.reset_stats()
 
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts of `Transformer(cfg)` (tested against the module): total, active per token,
+    embedding, non-embedding active."""
+    d, V = cfg.d_model, cfg.padded_vocab_size
+    embed = 2 * V * d  # untied input embedding and output head
+    kv = cfg.n_kv_head * cfg.head_dim
+    attn = 2 * d * d + 2 * d * kv  # wq, wo ; wk, wv
+    norms = 2 * d
+    if cfg.is_moe:
+        expert = 3 * d * cfg.expert_ffn
+        router = method_of(cfg).router_params(cfg)
+        ffn_total = cfg.n_experts * expert + router
+        ffn_active = cfg.n_active * expert + router
+    else:
+        ffn_total = ffn_active = 3 * d * cfg.ffn * cfg.ffn_mult
+    L = cfg.n_layer
+    total = embed + L * (attn + norms + ffn_total) + d
+    active = embed + L * (attn + norms + ffn_active) + d
+    return {"total": total, "active": active, "embedding": embed, "non_embedding_active": active - embed}

@@ -1,5 +1,4 @@
-"""Report stage: run directories -> paper-style tables and figures (reads files only, never live objects)."""
+"""Report stage: run directories -> paper-style tables and figures (reads files only, never live objects).
 
-from .build import build_report
-
-__all__ = ["build_report"]
+build.build_report is the entry; collect reads run folders, tables and claims compute, figures draw, stats holds
+the rules every claim follows."""

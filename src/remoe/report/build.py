@@ -12,8 +12,11 @@ import shutil
 import tempfile
 
 from ..cli import UsageError
-from ..runs import RECIPE, RunSummary
+from ..io import remove_leftovers, write_text_atomic
+from ..train.optim import RECIPE
+from ..train.record import RunSummary
 from . import figures, tables
+from .claims import claims
 from .collect import collect, short_path
 from .provenance import provenance
 from .stats import RULES
@@ -126,15 +129,11 @@ def _swap_in(stage: str, out_dir: str) -> None:
 
 def _remove_stale_stages(out_dir: str) -> None:
     """Staging folders of a report build that was killed (its process is gone)."""
-    from ..runs import remove_leftovers
-
     remove_leftovers(out_dir, rf"({re.escape(STAGE)}|{re.escape(OLD)})(?P<pid>\d+)-.*")
 
 
 def _build(col, roots: list[str], out_dir: str, bench_globs, notes) -> dict:
     """The whole report written into out_dir (a staging folder)."""
-    from ..runs import write_text_atomic
-
     df = col.runs
     bench = []
     for p in bench_files(roots, bench_globs):
@@ -179,8 +178,6 @@ def _build(col, roots: list[str], out_dir: str, bench_globs, notes) -> dict:
     if t is not None:
         tables.write_table(t, os.path.join(out_dir, "tables"), "throughput")
         made_tables["throughput"] = t
-    from .claims import claims
-
     index = _index(df, col.skipped, made_tables, made_figs, roots, out_dir, notes,
                    claims(df, roots) if len(df) else "", study_recipe)
     write_text_atomic(os.path.join(out_dir, "README.md"), index)
@@ -290,7 +287,7 @@ def _figures(df, fig_dir: str) -> list[str]:
 
 
 # What a shared recipe option changes, said with it: W2 LR by fan_in moves only FFNs whose hidden width is not
-# 4 d_model (remoe.lit.lr_multiples), so Dense, and TopK / ReMoE at G=1 and any E, train exactly as under one LR
+# 4 d_model (remoe.train.optim.lr_multiples), so Dense, and TopK / ReMoE at G=1 and any E, train exactly as under one LR
 RECIPE_EFFECT = {("W2 LR by fan_in",): "It changes how a run trains only where an FFN's hidden width differs "
                  "from 4·d_model — Dense×8 (its W2 at lr/8) and experts at G > 1 (lr·G); Dense, and TopK and "
                  "ReMoE at G = 1 (any E), train exactly as under the paper's one LR. "}

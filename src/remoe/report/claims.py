@@ -8,7 +8,7 @@ import re
 
 import pandas as pd
 
-from ..runs import RECIPE
+from ..train.optim import RECIPE
 from . import paper
 from .collect import inactive_cells, routing_share, short_path
 from .provenance import pair_key
@@ -131,7 +131,7 @@ def _e8(df: pd.DataFrame, name: str) -> pd.DataFrame:
 def _regime(df: pd.DataFrame) -> list[str]:
     """Dense×8 < TopK < Dense (the paper at 182M: 1.873 < 1.936 < 2.042): where capacity does not lower the
     loss beyond seed noise, ranking routing methods ranks noise. Checked once per optimizer recipe the runs
-    share (runs.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
+    share (train.optim.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
     named in its line), never across recipes."""
     df = _with_pairs(df)
     keys = [k for k in RECIPE if k in df]

@@ -13,7 +13,8 @@ import pandas as pd
 
 from ..model.routing import METHODS
 from ..model.stats import expert_share
-from ..runs import SUMMARY, RunSummary, open_record, record_file
+from ..train.record import SUMMARY, RunSummary, open_record, record_file
+from .stats import inactive_threshold
 
 log = logging.getLogger("remoe.report")
 
@@ -191,8 +192,6 @@ def routing_share(run_dir: str):
 
 def inactive_cells(share) -> np.ndarray:
     """(layer, expert) cells of a routing share below the inactive threshold of its expert count."""
-    from .stats import inactive_threshold
-
     return share < inactive_threshold(share.shape[-1])
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..model.stats import expert_share
 from .collect import inactive_cells, read_analysis, read_jsonl, read_metrics, routing_share
+from .tables import scaling_moe
 
 COLORS = {"dense": "tab:gray", "topk": "tab:blue", "remoe": "tab:red"}
 
@@ -42,8 +43,6 @@ def legend_beside(ax, **kw) -> None:
 
 def scaling_plot(df: pd.DataFrame, axis: str, out_dir: str) -> str | None:
     """The scaling table's standard settings (tables.scaling_moe), mean ± std over seeds per point."""
-    from .tables import scaling_moe
-
     moe = df[scaling_moe(df, axis)]
     if moe.empty or moe[axis].nunique() < 2:
         return None

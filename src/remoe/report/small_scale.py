@@ -10,6 +10,7 @@ shared seeds).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -64,10 +65,9 @@ SIMILARITY = "expert_similarity.json"
 def write_similarity(run_dir: str) -> bool:
     """expert_similarity.json of a run from its final checkpoint (when the checkpoint is still there: the
     committed records keep the JSON, not the checkpoint)."""
-    import json
 
     from ..analysis import expert_similarity
-    from ..eval.adapter import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt):
@@ -81,7 +81,6 @@ def write_similarity(run_dir: str) -> bool:
 
 
 def _similarity(run_dir: str) -> float:
-    import json
 
     path = os.path.join(run_dir, SIMILARITY)
     if not os.path.isfile(path):

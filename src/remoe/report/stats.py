@@ -35,7 +35,7 @@ have missed; where the paper reports an effect at that point, the seeds that wou
 (rises) with x" *holds* when at least {TREND_PAIRS:.0%} of adjacent steps move that way and Spearman ρ has
 that sign with |ρ| ≥ {TREND_RHO}, *does not hold* when the same is true the other way, and is inconclusive
 otherwise (fewer than 3 points included). A table row pools only runs that differ in nothing but the seed
-(every field of a setting's identity in `runs.RunSummary`); mean ± sample std over seeds, n = seeds. The
+(every field of a setting's identity in `train.record.RunSummary`); mean ± sample std over seeds, n = seeds. The
 *regime check* (can this scale rank routing methods?) asks more: Dense×8 < TopK < Dense with each gap above
 {REGIME_SIGMAS:g}× the larger of the two sides' seed standard deviations, at least 3 seeds a side; the claims
 about routing methods are read against it."""

@@ -9,8 +9,12 @@ import os
 
 import pandas as pd
 
-from ..runs import RECIPE
+from ..io import write_text_atomic
+from ..model import METHODS
+from ..train.optim import RECIPE
+from ..train.record import RunSummary
 from . import paper
+from .collect import read_metrics
 
 # Which lm-eval metric stands for a task in the tables (lm-eval returns acc and acc_norm; the paper's
 # numbers line up with acc).
@@ -46,7 +50,7 @@ def paper_point(df: pd.DataFrame) -> pd.Series:
     return (df["experts"] == 8) & (df["topk"] == 1) & (df["granularity"] == 1)
 
 
-# A run off the paper's optimizer recipe (runs.RECIPE) is labelled so by variant() and is never a method's
+# A run off the paper's optimizer recipe (train.optim.RECIPE) is labelled so by variant() and is never a method's
 # standard row.
 RECIPE_LABEL = dict(router_lr_scale=lambda v: f"router LR ×{_key(v)}", ffn_down_lr=lambda v: f"W2 LR by {v}")
 
@@ -125,10 +129,8 @@ def _key(v):
 
 
 def identity_keys(df: pd.DataFrame, keys: list[str]) -> list[str]:
-    """`keys` plus every other field of a setting's identity (runs.RunSummary; seed aside) that varies
+    """`keys` plus every other field of a setting's identity (train.record.RunSummary; seed aside) that varies
     within a group of `keys`: grouping on these never pools runs that differ in anything but the seed."""
-    from ..runs import RunSummary
-
     if df.empty:
         return keys
     text = df.astype(str)
@@ -172,8 +174,6 @@ def _ours(df: pd.DataFrame) -> str:
 def routing_methods(df: pd.DataFrame) -> pd.DataFrame | None:
     """Every routing method at E=8, k=1, G=1 (standard knobs), dense and Dense×8 (the regime check's rows),
     then the paper's Table 2 rows (methods this code does not have are marked so) and its Dense×8 loss."""
-    from ..model import METHODS
-
     sel = df[(df["model"] == "dense") | (standard_moe(df) & paper_point(df))]
     if sel.empty:
         return None
@@ -261,8 +261,6 @@ def pass_gaps(run_dir: str, pass_steps: int, steps: int) -> list[float]:
     pass's last PASS_TAIL steps, against the last validation at or before its last step (steps count from 0,
     and a validation logged at step s ran after s + 1 steps). Positive: the model does better on text it has
     seen (memorisation)."""
-    from .collect import read_metrics
-
     m = read_metrics(run_dir)
     if m is None or "train/lm_loss" not in m or "val/loss" not in m:
         return []
@@ -364,8 +362,6 @@ def to_latex(df: pd.DataFrame) -> str:
 
 
 def write_table(df: pd.DataFrame, out_dir: str, name: str) -> list[str]:
-    from ..runs import write_text_atomic
-
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for ext, text in (("md", to_markdown(df)), ("tex", to_latex(df)), ("csv", df.to_csv(index=False, lineterminator="\n"))):

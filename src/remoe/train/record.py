@@ -13,10 +13,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import Any
+
+from ..io import compress_file, write_json_atomic
+from .optim import RECIPE
 
 SUMMARY = "summary.json"
 # A run's compact record: what the report and the studies read; committed under reports/runs/ (no
@@ -41,44 +43,9 @@ def open_record(path: str):
     return lzma.open(path, "rt", encoding="utf-8") if path.endswith(PACKED) else open(path, encoding="utf-8")
 
 
-def compress_file(src: str, dest: str) -> None:
-    """xz-compress `src` into `dest` (deterministic: the same bytes give the same file), written beside it and
-    renamed into place."""
-    tmp = dest + ".partial"
-    with open(src, "rb") as f, lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as out:
-        shutil.copyfileobj(f, out)
-    os.replace(tmp, dest)
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "wandb", "lm_eval", "datasets", "tokenizers",
             "remoe")
 
-
-def write_json_atomic(path: str, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_text_atomic(path: str, text: str | bytes) -> None:
-    """Temp file in the same folder + os.replace: readers never see a half-written file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# The paper's optimizer recipe: the `optim` options that move weights off its one LR (remoe.lit.lr_multiples),
-# at the values that keep it. A record written before an option existed trained at this value; a run off it
-# is a study of its own (the report labels it, remoe.report.tables.variant); a resume may not change it
-# (the optimizer's parameter groups would differ from the checkpoint's).
-RECIPE = {"router_lr_scale": 1.0, "ffn_down_lr": "same"}
 
 # The config sections that decide what a run trains (and so its numbers); logging, evaluation, paths and
 # speed-only knobs (compile, moe_recompute_above, moe_dispatch: same losses) are not among them.
@@ -86,11 +53,6 @@ TRAINING_KEYS = ("model", "size", "data", "optim", "experts", "topk", "granulari
                  "trainer.max_steps")
 # Leaves under TRAINING_KEYS that change when a run is checked or validated, not what it trains
 NOT_TRAINING = ("size.val_interval", "size.ckpt_interval", "data.micro_batch_size")  # the last: derived
-# What a resume may change (recorded in resume_changes.json and summary.json `resume_changes`): the step count
-# (an extension: the schedule is stretched from the resume on) and the routing method's training knobs (not
-# its architecture: model.<ModelConfig field> is refused). Any other training key is refused.
-RESUMABLE = ("trainer.max_steps", "size.max_steps", "load_balancing")
-RESUME_CHANGES = "resume_changes.json"
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -133,7 +95,7 @@ def _f(default=None, *, identity: bool = False, required: bool = False, key: str
 
 @dataclass
 class RunSummary:
-    """summary.json, the one record of a run: training writes it (remoe.pipeline; the routing method adds
+    """summary.json, the one record of a run: training writes it (remoe.train.run; the routing method adds
     its own fields, routing.RoutingMethod.summary), evaluation adds `downstream`, the report reads it
     (remoe.report.collect). A field that does not apply to a run (experts of a dense model, lambda of
     TopK) is null; so is a field that a run written before it existed lacks."""
@@ -167,7 +129,7 @@ class RunSummary:
     off_standard: list | None = None
     load_balanced: bool | None = None
     precision: str | None = _f(identity=True)  # trainer.precision as trained (auto resolved)
-    precision_choice: dict | None = None  # how it was chosen: requested, reason, timings (remoe.precision)
+    precision_choice: dict | None = None  # how it was chosen: requested, reason, timings (remoe.train.precision)
     cpu: dict | None = None  # CPU model and the flags that decide bf16 speed
     corpus: str | None = _f(identity=True)  # fingerprint of the training corpus
     seq_len: int | None = None  # tokens per sequence (each holds seq_len + 1: inputs and targets)
@@ -221,7 +183,7 @@ class RunSummary:
         names = {self.key(f): f.name for f in fields(self)}
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise KeyError(f"summary.json has no field {unknown} (declare it in runs.RunSummary)")
+            raise KeyError(f"summary.json has no field {unknown} (declare it in train.record.RunSummary)")
         for k, v in values.items():
             setattr(self, names[k], v)
         return self
@@ -284,15 +246,6 @@ def read_config(run_dir: str) -> dict | None:
     if not isinstance(out, dict):
         raise ValueError(f"{path} is not a config (a YAML mapping)")
     return out
-
-
-def read_resume_changes(run_dir: str) -> list[dict]:
-    try:
-        with open(os.path.join(run_dir, RESUME_CHANGES)) as f:
-            out = json.load(f)
-        return out if isinstance(out, list) else []
-    except (OSError, ValueError):
-        return []
 
 
 def keep_records(src_root: str, dest_root: str) -> list[str]:
@@ -358,84 +311,3 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine is still running (for leftovers named by their writer's pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_leftovers(folder: str, pattern: str) -> list[str]:
-    """Remove the entries of `folder` whose name matches `pattern` (a regex with a `pid` group: the process
-    that wrote it) when that process is gone: the temporary file or folder of a save, export, preparation or
-    report build that was killed midway. Returns what was removed."""
-    import re
-    removed = []
-    if not os.path.isdir(folder):
-        return removed
-    for entry in sorted(os.listdir(folder)):
-        m = re.fullmatch(pattern, entry)
-        if m and not pid_alive(int(m.group("pid"))):
-            path = os.path.join(folder, entry)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-            removed.append(path)
-    return removed
-
-
-class RunFolderBusy(RuntimeError):
-    """Another live process owns the run folder."""
-
-
-class RunLock:
-    """Ownership of a run folder for one training process: `run.lock` holds an exclusive flock (released
-    by the kernel when the process dies, however it dies) and names its owner (pid, host, start time). A
-    second process gets RunFolderBusy naming the owner; a lock file left by a dead process is taken over
-    with a warning."""
-
-    NAME = "run.lock"
-
-    def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, self.NAME)
-        self._f = None
-
-    def acquire(self) -> str | None:
-        """Returns a warning to log when a stale lock was taken over, else None."""
-        import fcntl
-        import socket
-        import time
-
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            owner = f.read().strip() or "another process"
-            f.close()
-            raise RunFolderBusy(f"{os.path.dirname(self.path)} is in use by {owner}; wait for it to end, or "
-                                "give this run another name or folder") from None
-        f.seek(0)
-        previous = f.read().strip()
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self._f = f
-        return f"took over a stale {self.NAME} ({previous}: no longer running)" if previous else None
-
-    def release(self) -> None:
-        if self._f is not None:
-            import fcntl
-
-            self._f.seek(0)
-            self._f.truncate()  # an empty lock file: nobody owns the folder
-            fcntl.flock(self._f, fcntl.LOCK_UN)
-            self._f.close()
-            self._f = None

@@ -22,6 +22,8 @@ import os
 import platform
 import time
 
+from ..io import write_json_atomic
+
 log = logging.getLogger("remoe")
 
 AUTO = "auto"
@@ -68,7 +70,7 @@ def decide(fp32_s: float, bf16_s: float) -> str:
 
 
 def _cache_path() -> str:
-    from .data.datamodule import default_cache_dir
+    from ..data.datamodule import default_cache_dir
 
     return os.path.join(default_cache_dir(), "precision.json")
 
@@ -107,8 +109,6 @@ def choose(accelerator: str, d_model: int, ffn: int, tokens: int = 512) -> dict:
         except (OSError, ValueError):
             table = {}
         table[key] = choice
-        from .runs import write_json_atomic
-
         write_json_atomic(path, table)
     except OSError as e:  # a read-only cache: the choice still holds for this run
         log.warning("precision: could not cache the choice in %s: %s", path, e)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from .checkpoint import META, dcp_load, is_sharded
+from ..checkpoint import META, dcp_load, is_sharded
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _PLExperimentWriter
 
-from .runs import write_text_atomic
+from ..io import write_text_atomic
 
 log = logging.getLogger("remoe")
 

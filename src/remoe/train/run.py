@@ -1,9 +1,11 @@
 """From a composed Hydra config to a finished run directory. `src/train.py` only calls `run(cfg, dir)`.
 
-Order matters: validate the whole config (settings.py: no data, no model), then data -> model ->
-Trainer -> fit -> final validation -> summary.json -> routing analysis -> downstream evaluation. A failure
-after validation still leaves a summary with status "failed"; the training record is on disk before
-evaluation starts.
+One training attempt, in order: validate the whole config into a RunSpec (spec.py: no data, no model; the
+routing method object is built here, once) -> check the checkpoint to resume from (resume.py) -> take the
+folder (io.RunLock) -> begin (precision, plan.json, the summary of the setting, config_resolved.yaml) ->
+prepare (data, LightningModule, loggers, callbacks, Trainer) -> fit (+ final validation) -> finish (routing
+analysis, downstream evaluation). A failure after validation still leaves a summary with status "failed";
+the training record is on disk before evaluation starts.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import copy
 import logging
 import math
 import os
+import shlex
+import subprocess
+import sys
 import time
 import traceback
-from dataclasses import replace
-from typing import NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,32 +29,22 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import plan, precision
+from .. import plan
+from ..analysis import FlipProbe, routing_analysis, write_analysis
+from ..checkpoint import checkpoint_io, read_meta, remove_stale_partials
+from ..console import closing_line
+from ..cpu import malloc_settings
+from ..eval.run import evaluate_checkpoint, evaluate_model
+from ..io import RunFolderBusy, RunLock, write_json_atomic, write_text_atomic
+from ..model import ModelConfig, param_counts
+from . import precision
 from .callbacks import FaultCheckpoint, RoutingStatsWriter, TrainThroughput, progress_bar
-from .checkpoint import CheckpointError, check_format, checkpoint_io, remove_stale_partials
-from .console import closing_line
-from .cpu import malloc_settings
-from .lit import LitLM, compile_blocks
 from .loggers import CSVLogger
-from .model import ModelConfig
-from .runs import (
-    RECIPE,
-    RESUMABLE,
-    RESUME_CHANGES,
-    SUMMARY,
-    RunFolderBusy,
-    RunLock,
-    RunSummary,
-    git_commit,
-    package_versions,
-    read_config,
-    read_resume_changes,
-    read_summary,
-    training_changes,
-    write_json_atomic,
-    write_text_atomic,
-)
-from .settings import ConfigError, derive, routing_knobs, routing_method, validate, world_size
+from .module import LitLM, compile_blocks
+from .optim import RECIPE
+from .record import SUMMARY, RunSummary, git_commit, package_versions, read_config, read_summary, training_changes
+from .resume import RESUME_CHANGES, Resume, check_arch, read_resume_changes, resume_checkpoint
+from .spec import ConfigError, RunSpec, derive, validate, world_size
 
 log = logging.getLogger("remoe")
 
@@ -81,8 +76,6 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         return done
     if not needs_own_process(cfg):
         return train(cfg, run_dir)
-    import subprocess
-    import sys
 
     from hydra.core.hydra_config import HydraConfig
 
@@ -100,7 +93,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 
 
 def _changes_since(cfg: DictConfig, run_dir: str) -> list[str]:
-    """How this config trains differently from the run folder's completed run (runs.training_changes)."""
+    """How this config trains differently from the run folder's completed run (record.training_changes)."""
     try:
         saved = read_config(run_dir)
     except ValueError as e:
@@ -116,9 +109,6 @@ def evaluate_final_checkpoint(cfg: DictConfig, run_dir: str, done: dict) -> dict
     """Finish a completed run whose configured evaluation is missing (the process was stopped during it:
     summary.json is written before evaluation starts) from its final checkpoint, never by training again.
     Without a checkpoint of the final step the record is kept as it is, and a warning says so."""
-    from .checkpoint import read_meta
-    from .eval.run import evaluate_checkpoint
-
     validate(cfg)  # e.g. eval=paper offline: one line, exit 2, before a checkpoint is loaded
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     try:
@@ -172,96 +162,6 @@ def _finish(loggers: list) -> None:
         wandb.finish()
 
 
-def _check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
-    """A ConfigError naming every field where the checkpoint's architecture differs from this run's."""
-    diff = {k: (saved.get(k), v) for k, v in mcfg.to_dict().items() if k not in ignore and saved.get(k) != v}
-    if diff:
-        raise ConfigError("resume: the checkpoint was trained with a different model config: " +
-                          ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items())))
-
-
-class Resume(NamedTuple):
-    path: str | None = None  # checkpoints/last.ckpt, or None: start from scratch
-    arch: dict | None = None  # the checkpoint's architecture
-    step: int = 0  # the optimizer step training continues from
-    changes: tuple = ()  # the RESUMABLE keys this resume changes: ({step, key, before, after}, ...)
-
-
-def _resume_changes(cfg: DictConfig, run_dir: str, step: int) -> tuple:
-    """What this resume changes against the run's config_resolved.yaml: ConfigError naming every training
-    key a resume may not change (runs.RESUMABLE: the step count and routing-method knobs may), and the
-    device count (each rank's batches are a function of the world size); the allowed changes, to record."""
-    from .settings import ARCH_FIELDS
-
-    try:
-        saved = read_config(run_dir)
-    except ValueError as e:
-        raise ConfigError(f"resume: {e}; nothing in the run folder was changed") from None
-    if saved is None:
-        return ()
-    here = OmegaConf.to_container(cfg, resolve=True)
-    refused, allowed = [], []
-    for line in training_changes(saved, here):
-        key = line.split(":", 1)[0]
-        leaf = key.removeprefix("model.")
-        knob = key.startswith("model.") and "." not in leaf and leaf not in ARCH_FIELDS | {"name"}
-        (allowed if key in RESUMABLE or knob else refused).append(line)
-    if refused:
-        raise ConfigError(f"resume: {refused[0].split(':')[0]}: changed since this run started ({'; '.join(refused)}); "
-                          "a resume may change only trainer.max_steps and the routing method's knobs "
-                          "(docs/reliability.md): continue with the run's own settings, or train the new ones in another folder")
-    try:
-        before = world_size(OmegaConf.create(saved))
-    except (ConfigError, ValueError, KeyError, AttributeError):
-        before = None
-    if before is not None and before != world_size(cfg):
-        raise ConfigError(f"trainer.devices: this run trained on {before} devices x nodes, this resume has "
-                          f"{world_size(cfg)}; each rank's batches depend on the device count, so the run would "
-                          "not see the batches it was seeded with: resume on the same count")
-    out = []
-    for line in allowed:
-        key, rest = line.split(": ", 1)
-        a, b = rest.split(" there, ")
-        out.append({"step": step, "key": key, "before": a, "after": b.removesuffix(" here")})
-    return tuple(out)
-
-
-def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resume:
-    """The checkpoint to resume from, checked before the run folder is touched: a file
-    that cannot be loaded, or that holds another architecture, is a ConfigError naming it. (Routing-method
-    knobs such as alpha may change on resume: they are not the model.)"""
-    from .checkpoint import is_sharded, read_meta, read_sharded_metadata
-
-    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    if not cfg.resume:
-        return Resume()
-    if not os.path.exists(last):
-        log.warning("resume=true but %s does not exist: starting from scratch", last)
-        return Resume()
-    try:
-        ckpt = read_meta(last)  # a file, or a sharded folder (trainer=fsdp)
-        if is_sharded(last):
-            read_sharded_metadata(last)  # its shards' index, read without running code
-        step = int(ckpt["global_step"])
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0].split(". ")[0][:120] if str(e).strip() else "unreadable"
-        raise ConfigError(f"resume: {last} cannot be loaded ({type(e).__name__}: {reason}); nothing in "
-                          "the run folder was changed") from None
-    try:
-        check_format(ckpt, last)
-    except CheckpointError as e:  # another format: refused in one line, whole
-        raise ConfigError(f"resume: {e}; nothing in the run folder was changed") from None
-    saved = dict(ckpt["hyper_parameters"]["model"])
-    _check_arch(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
-    optim = ckpt["hyper_parameters"].get("optim") or {}
-    changed = [f"optim.{k}={optim.get(k, v)!r} there, {cfg.optim.get(k, v)!r} here" for k, v in RECIPE.items()
-               if optim.get(k, v) != cfg.optim.get(k, v)]
-    if changed:  # the optimizer's parameter groups (and their LRs) are the checkpoint's
-        raise ConfigError("resume: the checkpoint was trained with another optimizer recipe: "
-                          + ", ".join(changed))
-    return Resume(last, saved, step, _resume_changes(cfg, run_dir, step))
-
-
 def _callbacks(cfg: DictConfig, run_dir: str, lit: LitLM) -> list[L.Callback]:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if rank_zero_only.rank == 0 and os.path.isdir(ckpt_dir):
@@ -274,8 +174,6 @@ def _callbacks(cfg: DictConfig, run_dir: str, lit: LitLM) -> list[L.Callback]:
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
     if lit.routing.moe:
-        from .analysis import FlipProbe
-
         callbacks.append(RoutingStatsWriter(os.path.join(run_dir, "routing.jsonl"), cfg.routing_log_interval))
         if cfg.analysis.flip_interval:
             callbacks.append(FlipProbe(os.path.join(run_dir, "flips.jsonl"), cfg.analysis.flip_interval))
@@ -286,14 +184,10 @@ def _evaluate(cfg: DictConfig, trainer, lit: LitLM, model, dm, run_dir: str, sum
               loggers) -> None:
     """Routing analysis and downstream evaluation of the final model (rank zero; `model`: lit.whole_model())."""
     if lit.routing.moe and cfg.analysis.batches:
-        from .analysis import routing_analysis, write_analysis
-
         write_analysis(os.path.join(run_dir, "routing_analysis.json"),
                        routing_analysis(model, dm.val_dataloader(), cfg.analysis.batches))
     if cfg.eval.suite == "none":
         return
-    from .eval.run import evaluate_model
-
     summary.write(run_dir)  # the training record is on disk before evaluation starts
     try:
         _, fields = evaluate_model(model, dm.tokenizer, cfg.eval, run_dir, datamodule=dm, seed=cfg.seed,
@@ -314,8 +208,6 @@ def log_downstream(loggers, downstream: dict, step: int) -> None:
 
 def resume_command() -> str:
     """The command that continues this run: the same overrides plus resume=true."""
-    import shlex
-    import sys
 
     from hydra.core.hydra_config import HydraConfig
 
@@ -338,9 +230,9 @@ def _record(summary: RunSummary, run_dir: str, completed_before: bool) -> None:
 
 def train(cfg: DictConfig, run_dir: str) -> dict:
     """Validate, train, validate, write summary.json; re-raises after recording a failure."""
-    mcfg = validate(cfg)  # before anything is built
+    spec = validate(cfg)  # before anything is built
     derive(cfg)
-    resume = resume_checkpoint(cfg, run_dir, mcfg)  # before the run folder is touched
+    resume = resume_checkpoint(cfg, run_dir, spec.model)  # before the run folder is touched
     lock = RunLock(run_dir)
     if rank_zero_only.rank == 0:
         try:
@@ -349,13 +241,13 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         except RunFolderBusy as e:
             raise ConfigError(f"run folder: {e}") from None
     try:
-        return _train(cfg, run_dir, mcfg, resume)
+        return _attempt(cfg, run_dir, spec, resume)
     finally:
         lock.release()
 
 
 def resolve_precision(cfg: DictConfig, mcfg: ModelConfig, previous: str | None = None) -> dict:
-    """trainer.precision as this run trains it ("auto" decided here, remoe.precision), written into cfg;
+    """trainer.precision as this run trains it ("auto" decided here, remoe.train.precision), written into cfg;
     returns how it was chosen. previous: the precision a resumed run trained at (kept)."""
     choice = precision.resolve(str(cfg.trainer.precision), str(cfg.trainer.accelerator), mcfg.d_model,
                                mcfg.ffn * mcfg.ffn_mult, previous=previous, rank=rank_zero_only.rank)
@@ -382,99 +274,146 @@ def bounded_dispatch(cfg: DictConfig) -> bool:
                                  and accelerator in ("gpu", "cuda", "auto"))
 
 
-def _train(cfg: DictConfig, run_dir: str, mcfg: ModelConfig, resume: Resume) -> dict:
-    before = read_summary(run_dir) or {}
-    completed_before = before.get("status") == "completed"
-    requested = str(cfg.trainer.precision)
-    choice = resolve_precision(cfg, mcfg, previous=before.get("precision") if resume.path else None)
-    cpu = choice.pop("cpu")
-    if rank_zero_only.rank == 0:  # before any data or model: what this run needs per GPU (rank 0 refuses a
-        the_plan = plan.plan_for(cfg, mcfg)  # strategy that does not fit before other ranks are launched)
-        write_json_atomic(os.path.join(run_dir, "plan.json"), the_plan)
-        if plan.on_gpus(cfg.trainer) and (why := plan.check_fits(the_plan, plan.strategy_of(cfg.trainer))):
-            raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
-    summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
-                         ffn_mult=mcfg.ffn_mult, **{k: type(v)(cfg.optim.get(k, v)) for k, v in RECIPE.items()},
-                         precision=str(cfg.trainer.precision),
-                         precision_choice={"requested": requested, **choice}, cpu=cpu,
-                         git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
-                         malloc=malloc_settings())
-    summary.update(**routing_method(cfg, mcfg).record())  # the setting, also on a run that fails
-    changes = (read_resume_changes(run_dir) if resume.path else []) + list(resume.changes)
-    summary.update(resume_changes=changes or None)  # config_resolved.yaml holds this attempt's values
-    if rank_zero_only.rank == 0 and resume.changes:
-        write_json_atomic(os.path.join(run_dir, RESUME_CHANGES), changes)
-    elif rank_zero_only.rank == 0 and not resume.path and os.path.exists(os.path.join(run_dir, RESUME_CHANGES)):
-        os.replace(os.path.join(run_dir, RESUME_CHANGES),  # a fresh start: an earlier run's record is kept aside
-                   os.path.join(run_dir, f"resume_changes-{time.strftime('%Y%m%d-%H%M%S')}.json"))
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    if rank_zero_only.rank == 0 and not completed_before:  # a completed run's config stays until replaced
-        write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
+@dataclass
+class Attempt:
+    """One training attempt in a run folder: what it started from, and what prepare() built for it."""
+
+    run_dir: str
+    spec: RunSpec
+    resume: Resume
+    summary: RunSummary
+    completed_before: bool  # the folder held a completed run (this attempt extends it)
+    resolved: str  # this attempt's config_resolved.yaml
+    dm: Any = None
+    lit: LitLM | None = None
+    loggers: list = field(default_factory=list)
+    callbacks: list = field(default_factory=list)
+    trainer: Any = None
+
+
+def _attempt(cfg: DictConfig, run_dir: str, spec: RunSpec, resume: Resume) -> dict:
+    """begin (the record of the setting) -> prepare (data, model, Trainer) -> fit -> finish (validation, record,
+    evaluation). However it ends, summary.json says how (_record)."""
+    a = begin(cfg, run_dir, spec, resume)
     t0 = time.time()
-    loggers, callbacks = [], []
     try:
         L.seed_everything(cfg.seed, workers=True)
-        dm, mcfg = build_data(cfg, mcfg)
-        if resume.arch:
-            _check_arch(resume.arch, mcfg)
-        counts = mcfg.param_counts()
-        summary.update(total_params=counts["total"], active_params=counts["active"],
-                       vocab_size=mcfg.padded_vocab_size, corpus=dm.corpus_fingerprint, seq_len=cfg.size.seq_len,
-                       train_sequences=dm.train_sequences)
-        lit = LitLM(model=mcfg, routing=routing_knobs(cfg),
-                    optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                    routing_log_interval=cfg.routing_log_interval, tokenizer_json=dm.tokenizer.to_str())
-        for layer in lit.model.moe_layers():  # the Stage I memory ceiling (experts.GroupedExperts)
-            layer.experts.recompute_above = cfg.moe_recompute_above
-        lit.model.set_pair_capacity(bounded_dispatch(cfg))  # ReMoE on a GPU: no host sync per layer
-        if cfg.get("compile"):
-            compile_blocks(lit.model)
-        if rank_zero_only.rank == 0:
-            dm.tokenizer.save(os.path.join(run_dir, "tokenizer.json"))
-        loggers = _loggers(cfg)
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-            if isinstance(lg, CSVLogger) and rank_zero_only.rank == 0:
-                lg.start_at(resume.step)  # metrics.csv: keep the rows before it, drop the rest
-        callbacks = _callbacks(cfg, run_dir, lit)
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                              plugins=[checkpoint_io()])  # saves beside last.ckpt, then renames
-        t_fit = time.time()
-        trainer.fit(lit, datamodule=dm, ckpt_path=resume.path)
-        fit_s = time.time() - t_fit
-        val = trainer.validate(lit, datamodule=dm, verbose=False)[0]
-        throughput = next(c for c in callbacks if isinstance(c, TrainThroughput))
-        summary.update(
-            status="completed", steps=trainer.global_step,
-            train_tokens=trainer.global_step * cfg.size.global_batch_size * cfg.size.seq_len,
-            val_loss=float(val["val/loss"]), val_ppl=math.exp(float(val["val/loss"])),
-            tokens_per_s=throughput.tokens_per_s, fit_time_s=fit_s, resumed_from=resume.path,
-            world_size=trainer.world_size, rank_states=lit.rank_states, **lit.routing.record(),
-        )
-        if rank_zero_only.rank == 0 and completed_before:
-            write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
-        model = lit.whole_model()  # a collective under FSDP: every rank takes part
-        if trainer.is_global_zero:
-            _evaluate(cfg, trainer, lit, model, dm, run_dir, summary, loggers)
+        prepare(cfg, a)
+        fit(cfg, a)
+        finish(cfg, a)
     except SIGTERMException:
-        fault = next((c for c in callbacks if isinstance(c, FaultCheckpoint)), None)
+        fault = next((c for c in a.callbacks if isinstance(c, FaultCheckpoint)), None)
         stopped_by = (fault and fault.stopped_by) or "SIGTERM"
         status = "interrupted" if stopped_by == "SIGINT" else "preempted"
-        summary.update(status=status, error=f"{stopped_by}: checkpointed to checkpoints/last.ckpt; continue "
-                       f"with: {resume_command()}")
+        a.summary.update(status=status, error=f"{stopped_by}: checkpointed to checkpoints/last.ckpt; continue "
+                         f"with: {resume_command()}")
         if status == "interrupted":
             raise SystemExit(130) from None  # the shell's code for Ctrl-C
         raise
     except BaseException as e:
-        if summary.status != "completed":
-            summary.update(status="failed", error=f"{type(e).__name__}: {e}",
-                           traceback=traceback.format_exc())
+        if a.summary.status != "completed":
+            a.summary.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
     finally:
-        summary.wall_time_s = time.time() - t0
+        a.summary.wall_time_s = time.time() - t0
         if rank_zero_only.rank == 0:
-            _record(summary, run_dir, completed_before)
-        _finish(loggers)
+            _record(a.summary, run_dir, a.completed_before)
+        _finish(a.loggers)
         if rank_zero_only.rank == 0:
-            print(closing_line(summary.to_json(), os.path.join(run_dir, SUMMARY)), flush=True)
-    return summary.to_json()
+            print(closing_line(a.summary.to_json(), os.path.join(run_dir, SUMMARY)), flush=True)
+    return a.summary.to_json()
+
+
+def begin(cfg: DictConfig, run_dir: str, spec: RunSpec, resume: Resume) -> Attempt:
+    """Before any data or model: the precision, the plan (rank 0 refuses a strategy that does not fit before other
+    ranks are launched), the summary of the setting (on a run that fails too), resume changes, config_resolved.yaml."""
+    before = read_summary(run_dir) or {}
+    completed_before = before.get("status") == "completed"
+    requested = str(cfg.trainer.precision)
+    choice = resolve_precision(cfg, spec.model, previous=before.get("precision") if resume.path else None)
+    cpu = choice.pop("cpu")
+    if rank_zero_only.rank == 0:  # what this run needs per GPU
+        the_plan = plan.plan_for(cfg, spec.model)
+        write_json_atomic(os.path.join(run_dir, "plan.json"), the_plan)
+        if plan.on_gpus(cfg.trainer) and (why := plan.check_fits(the_plan, plan.strategy_of(cfg.trainer))):
+            raise ConfigError(f"trainer.strategy: {why} (plan.json in the run folder)")
+    summary = RunSummary(name=cfg.name, model=cfg.model.name, size=cfg.size.name, seed=cfg.seed,
+                         ffn_mult=spec.model.ffn_mult,
+                         **{k: type(v)(cfg.optim.get(k, v)) for k, v in RECIPE.items()},
+                         precision=str(cfg.trainer.precision),
+                         precision_choice={"requested": requested, **choice}, cpu=cpu,
+                         git_commit=git_commit(), versions=package_versions(), run_dir=run_dir,
+                         malloc=malloc_settings())
+    summary.update(**spec.method.record())  # the setting, also on a run that fails
+    _keep_resume_changes(run_dir, resume, summary)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    if rank_zero_only.rank == 0 and not completed_before:  # a completed run's config stays until replaced
+        write_text_atomic(os.path.join(run_dir, "config_resolved.yaml"), resolved)
+    return Attempt(run_dir, spec, resume, summary, completed_before, resolved)
+
+
+def _keep_resume_changes(run_dir: str, resume: Resume, summary: RunSummary) -> None:
+    """Every resume's changes so far, in summary.json and resume_changes.json (config_resolved.yaml holds this
+    attempt's values); a fresh start sets an earlier run's file aside."""
+    changes = (read_resume_changes(run_dir) if resume.path else []) + list(resume.changes)
+    summary.update(resume_changes=changes or None)
+    path = os.path.join(run_dir, RESUME_CHANGES)
+    if rank_zero_only.rank == 0 and resume.changes:
+        write_json_atomic(path, changes)
+    elif rank_zero_only.rank == 0 and not resume.path and os.path.exists(path):
+        os.replace(path, os.path.join(run_dir, f"resume_changes-{time.strftime('%Y%m%d-%H%M%S')}.json"))
+
+
+def prepare(cfg: DictConfig, a: Attempt) -> None:
+    """The data (tokenizer, packed cache), the LightningModule around the one routing method object, the
+    loggers, callbacks and Trainer."""
+    a.dm, mcfg = build_data(cfg, a.spec.model)
+    if a.resume.arch:
+        check_arch(a.resume.arch, mcfg)
+    counts = param_counts(mcfg)
+    a.summary.update(total_params=counts["total"], active_params=counts["active"],
+                     vocab_size=mcfg.padded_vocab_size, corpus=a.dm.corpus_fingerprint, seq_len=cfg.size.seq_len,
+                     train_sequences=a.dm.train_sequences)
+    a.lit = lit = LitLM(model=mcfg, routing=a.spec.knobs, method=a.spec.method,
+                        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                        routing_log_interval=cfg.routing_log_interval, tokenizer_json=a.dm.tokenizer.to_str())
+    for layer in lit.model.moe_layers():  # the Stage I memory ceiling (experts.GroupedExperts)
+        layer.experts.recompute_above = cfg.moe_recompute_above
+    lit.model.set_pair_capacity(bounded_dispatch(cfg))  # ReMoE on a GPU: no host sync per layer
+    if cfg.get("compile"):
+        compile_blocks(lit.model)
+    if rank_zero_only.rank == 0:
+        a.dm.tokenizer.save(os.path.join(a.run_dir, "tokenizer.json"))
+    a.loggers = _loggers(cfg)
+    for lg in a.loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(lg, CSVLogger) and rank_zero_only.rank == 0:
+            lg.start_at(a.resume.step)  # metrics.csv: keep the rows before it, drop the rest
+    a.callbacks = _callbacks(cfg, a.run_dir, lit)
+    a.trainer = instantiate(cfg.trainer, logger=a.loggers or False, callbacks=a.callbacks,
+                            plugins=[checkpoint_io()])  # saves beside last.ckpt, then renames
+
+
+def fit(cfg: DictConfig, a: Attempt) -> None:
+    """Train, then validate the final model; the summary's outcome fields."""
+    t_fit = time.time()
+    a.trainer.fit(a.lit, datamodule=a.dm, ckpt_path=a.resume.path)
+    fit_s = time.time() - t_fit
+    val = a.trainer.validate(a.lit, datamodule=a.dm, verbose=False)[0]
+    throughput = next(c for c in a.callbacks if isinstance(c, TrainThroughput))
+    steps = a.trainer.global_step
+    a.summary.update(
+        status="completed", steps=steps, train_tokens=steps * cfg.size.global_batch_size * cfg.size.seq_len,
+        val_loss=float(val["val/loss"]), val_ppl=math.exp(float(val["val/loss"])),
+        tokens_per_s=throughput.tokens_per_s, fit_time_s=fit_s, resumed_from=a.resume.path,
+        world_size=a.trainer.world_size, rank_states=a.lit.rank_states, **a.lit.routing.record(),
+    )
+
+
+def finish(cfg: DictConfig, a: Attempt) -> None:
+    """The extended run's config; the routing analysis and downstream evaluation of the final model."""
+    if rank_zero_only.rank == 0 and a.completed_before:
+        write_text_atomic(os.path.join(a.run_dir, "config_resolved.yaml"), a.resolved)
+    model = a.lit.whole_model()  # a collective under FSDP: every rank takes part
+    if a.trainer.is_global_zero:
+        _evaluate(cfg, a.trainer, a.lit, model, a.dm, a.run_dir, a.summary, a.loggers)

@@ -1,4 +1,4 @@
-"""From the composed Hydra config to validated objects, before any data or model is built.
+"""From the composed Hydra config to one checked RunSpec, before any data or model is built.
 
 The model is `size.arch` (the backbone's numbers) plus `model` (conf/model/<method>.yaml: `name` is the
 routing method; its other keys are ModelConfig fields, e.g. experts: ${experts}, or the method's
@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from functools import cache
 from typing import get_args
 
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .cli import UsageError
-from .lit import FFN_DOWN_LR
-from .model import ModelConfig, RoutingMethod, build_method
-from .model.config import ConfigFieldError
-from .model.presets import CONF_DIR
-from .runs import RECIPE
+from ..cli import UsageError
+from ..data.corpus import check_text_file, expand_files
+from ..data.datamodule import SOURCES, read_prepared
+from ..model import ModelConfig, RoutingMethod, build_method, method_of
+from ..model.config import ConfigFieldError
+from ..model.presets import CONF_DIR
+from .optim import FFN_DOWN_LR, RECIPE
 
 ARCH_FIELDS = frozenset(f.name for f in fields(ModelConfig))
 GROUPS = ("model", "size", "data", "trainer", "logger", "eval", "hydra")
@@ -44,8 +45,6 @@ class ConfigError(UsageError):
 MOE_DISPATCH = ("auto", "exact", "bounded")  # model.moe.PairCapacity
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")  # an experiment name: one folder under paths.root
 
-
-from .resolvers import grid_slug, register_resolvers, run_mode_defaults, slug  # noqa: F401
 
 
 def _key(cfg: DictConfig, field: str) -> str:
@@ -80,7 +79,9 @@ def model_config(cfg: DictConfig, vocab_size: int = 50257) -> ModelConfig:
     if unknown:
         raise ConfigError(f"size.arch.{unknown[0]}: not a model architecture field")
     try:
-        return ModelConfig(**{**size_arch, **arch, "vocab_size": vocab_size})
+        mcfg = ModelConfig(**{**size_arch, **arch, "vocab_size": vocab_size})
+        method_of(mcfg)  # the routing method's checks of its router options
+        return mcfg
     except ConfigFieldError as e:
         raise ConfigError(f"{_key(cfg, e.field)}: {e.msg}") from None
 
@@ -125,8 +126,6 @@ def batch_split(cfg: DictConfig) -> tuple[int, int]:
 def check_prepared(cfg: DictConfig) -> None:
     """data=prepared: the folder's sequences have this run's length, and the token budget fits in them (a
     prepared corpus is not repeated: a larger budget is a config error, not a silent second epoch)."""
-    from .data.datamodule import read_prepared
-
     try:
         rec = read_prepared(str(cfg.data.dir))
     except ValueError as e:
@@ -196,9 +195,32 @@ def check_cluster(cluster) -> None:
     number("mfu", most=1.0)
 
 
-def validate(cfg: DictConfig) -> ModelConfig:
-    """Every check that needs no data and no model. Raises ConfigError naming the key. Returns the
-    architecture (with a placeholder vocabulary until the tokenizer is known)."""
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run as validate() checked it, built once before any data or model."""
+
+    model: ModelConfig  # the architecture (its vocabulary a placeholder until the tokenizer is known)
+    knobs: dict  # the routing method's training knobs, plain values (they go into checkpoints)
+    method: RoutingMethod  # built from both: the summary's setting, then the LightningModule's (rebound)
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Every check that needs no data and no model; raises ConfigError naming the key."""
+    check_top_level(cfg)
+    check_numbers(cfg)
+    check_cluster(cfg.get("cluster") or {})
+    mcfg = model_config(cfg)
+    method = routing_method(cfg, mcfg)
+    if cfg.size.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"size.seq_len: {cfg.size.seq_len} exceeds the model context {mcfg.max_seq_len}")
+    batch_split(cfg)
+    check_data(cfg)
+    check_eval(cfg)
+    return RunSpec(mcfg, routing_knobs(cfg), method)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """The keys and the switches of conf/config.yaml, the precision and the optimizer recipe."""
     unknown = sorted(set(cfg) - known_keys())
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a setting of this pipeline (a typo? see conf/config.yaml)")
@@ -212,7 +234,7 @@ def validate(cfg: DictConfig) -> ModelConfig:
         raise ConfigError(f"seed: must be in [0, 2^32) (got {cfg.seed})")
     if str(cfg.trainer.precision) not in PRECISIONS | {"auto"}:
         raise ConfigError(f"trainer.precision: {cfg.trainer.precision!r} is not one of "
-                          f"{sorted(PRECISIONS | {'auto'})} (auto: chosen from the machine, remoe.precision)")
+                          f"{sorted(PRECISIONS | {'auto'})} (auto: chosen from the machine, remoe.train.precision)")
     if not isinstance(cfg.get("compile", False), bool):
         raise ConfigError(f"compile: must be true or false (got {cfg.compile!r})")
     if cfg.optim.get("fused", "auto") not in ("auto", True, False):
@@ -222,43 +244,40 @@ def validate(cfg: DictConfig) -> ModelConfig:
         raise ConfigError(f"optim.router_lr_scale: must be a number > 0 (got {rls!r})")
     if cfg.optim.get("ffn_down_lr", RECIPE["ffn_down_lr"]) not in FFN_DOWN_LR:
         raise ConfigError(f"optim.ffn_down_lr: must be one of {', '.join(FFN_DOWN_LR)} (got {cfg.optim.ffn_down_lr!r})")
-    check_numbers(cfg)
-    check_cluster(cfg.get("cluster") or {})
     mra = cfg.get("moe_recompute_above")
     if mra is not None and (isinstance(mra, bool) or not isinstance(mra, (int, float)) or not mra > 0):
         raise ConfigError(f"moe_recompute_above: a number of experts per token > 0, or null (got {mra!r})")
     if cfg.get("moe_dispatch", "auto") not in MOE_DISPATCH:
         raise ConfigError(f"moe_dispatch: one of {', '.join(MOE_DISPATCH)} (got {cfg.get('moe_dispatch')!r})")
-    mcfg = model_config(cfg)
-    routing_method(cfg, mcfg)
-    if cfg.size.seq_len > mcfg.max_seq_len:
-        raise ConfigError(f"size.seq_len: {cfg.size.seq_len} exceeds the model context {mcfg.max_seq_len}")
-    batch_split(cfg)
-    from .data.datamodule import SOURCES  # the data stack loads only when a config is checked
 
+
+def check_data(cfg: DictConfig) -> None:
+    """The data source, and the files or prepared folder it reads."""
     if cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source: unknown source {cfg.data.source!r}")
     if cfg.data.source == "prepared":
         check_prepared(cfg)
     if cfg.data.source == "text_files":
-        from .data.corpus import check_text_file, expand_files
-
         try:
             for path in expand_files(cfg.data.files):
                 check_text_file(path)
         except (OSError, TypeError, ValueError) as e:
             raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
-    if cfg.eval.suite != "none":
-        from .eval.run import HubUnavailable, check_eval, check_tasks
 
-        try:
-            check_eval(cfg.eval)
-            check_tasks(cfg.eval.suite, cfg.eval.tasks)
-        except HubUnavailable as e:
-            raise ConfigError(f"eval: {e}") from None
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    return mcfg
+
+def check_eval(cfg: DictConfig) -> None:
+    """The downstream evaluation's suite and tasks (lm-eval loads only when one is configured)."""
+    if cfg.eval.suite == "none":
+        return
+    from ..eval.run import HubUnavailable, check_eval, check_tasks  # lm-eval: seconds to import
+
+    try:
+        check_eval(cfg.eval)
+        check_tasks(cfg.eval.suite, cfg.eval.tasks)
+    except HubUnavailable as e:
+        raise ConfigError(f"eval: {e}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def derive(cfg: DictConfig) -> None:
