@@ -4,7 +4,11 @@ A folder holding a report made from other runs is never replaced without --force
 which runs it was made from; the same runs, or the same plus new ones, may update it).
 
 `python src/report.py --keep-records SRC DEST` copies the compact record of every completed run under SRC
-(summary, resolved config, metrics, routing logs; no checkpoints) to DEST, e.g. reports/runs."""
+(summary, resolved config, metrics, routing logs; no checkpoints) to DEST, e.g. reports/runs.
+
+`python src/report.py --compare RUN_A RUN_B [--windows 0-99,100-999]` prints two runs of one setting side by
+side (remoe/report/compare.py): provenance, the first step where they part, |Δ train loss| per window, λ and
+sparsity where the method has a controller, the outcome."""
 
 import logging
 import os
@@ -23,10 +27,21 @@ def main() -> None:
     p.add_argument("--notes", default=None, help="a Markdown file whose text heads the index")
     p.add_argument("--keep-records", nargs=2, metavar=("SRC", "DEST"), default=None,
                    help="copy completed runs' compact records from SRC to DEST (existing ones are kept), then stop")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                   help="print two runs of one setting side by side (run folders or kept records), then stop")
+    p.add_argument("--windows", default=None, help="with --compare: step windows FIRST-LAST,... (default: the first "
+                   "100 steps, then quarters of the run)")
     p.add_argument("--force", action="store_true",
                    help="replace the report in --out even if it was made from other runs, or no run is usable")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.windows is not None and not a.compare:
+        raise UsageError("--windows: only with --compare")
+    if a.compare:
+        from remoe.report.compare import compare_runs, parse_windows
+
+        print("\n".join(compare_runs(*a.compare, parse_windows(a.windows) if a.windows else None)))
+        return
     if a.keep_records:
         from remoe.train.record import keep_records
 

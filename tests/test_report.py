@@ -430,3 +430,37 @@ def test_a_run_without_load_balancing_is_off_standard_only_on_the_lb_axis():
     assert set(rec["off_standard"]) == {"regularizer", "load_balancing"} and rec["load_balanced"] is False
     df = pd.DataFrame([{"off_standard": " ".join(rec["off_standard"])}])
     assert at_standard(df, but=LB_KNOBS).all() and not at_standard(df).any()
+
+
+def test_compare_prints_what_the_machine_check_page_quotes(tmp_path):
+    """`report.py --compare` (remoe/report/compare.py) replaced the studies' private compare scripts: on the
+    committed records it prints exactly the block reports/machine_check/README.md quotes (same first difference,
+    windows, val loss); bad input is one line and exit 2."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = "lb_ablation_cpu/load_balancing-False__model-topk__seed-1"
+    p = subprocess.run([sys.executable, "src/report.py", "--compare", f"reports/runs/{r}",
+                        f"reports/machine_check/runs/{r}"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    page = (ROOT / "reports" / "machine_check" / "README.md").read_text()
+    quoted = page.split("```\nmachines:", 1)[1].split("```", 1)[0]
+    assert p.stdout.split("\n", 1)[1] == "machines:" + quoted
+    assert "train loss identical through step 25, first difference at 26" in p.stdout
+    # the same through the `remoe` command (remoe/__main__.py: `remoe report ...` runs src/report.py)
+    verb = subprocess.run([sys.executable, "-m", "remoe", "report", "--compare", f"reports/runs/{r}",
+                           f"reports/machine_check/runs/{r}"], cwd=ROOT, capture_output=True, text=True)
+    assert verb.returncode == 0 and verb.stdout == p.stdout, verb.stderr
+    listing = subprocess.run([sys.executable, "-m", "remoe", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for name in ("train", "evaluate", "report", "bench", "export", "plan", "prepare-data"):
+        assert f"\n  {name} " in listing.stdout and "not found" not in listing.stdout
+    bad = subprocess.run([sys.executable, "-m", "remoe", "trian"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no verb 'trian'" in bad.stderr
+    for args, why in ((["--compare", str(tmp_path), f"reports/runs/{r}"], "holds no run record"),
+                      (["--compare", "nope", "nope"], "no such folder"),
+                      (["--compare", f"reports/runs/{r}", f"reports/runs/{r}", "--windows", "9-1"], "FIRST-LAST"),
+                      (["--windows", "0-9"], "only with --compare")):
+        p = subprocess.run([sys.executable, "src/report.py", *args], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 2 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

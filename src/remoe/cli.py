@@ -122,6 +122,9 @@ def guard(main, prog: str):
         return main()
     except SystemExit:
         raise
+    except BrokenPipeError:  # the reader of stdout went away (`report.py --compare A B | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        raise SystemExit(0) from None
     except BaseException as e:
         fail(e, prog)
 

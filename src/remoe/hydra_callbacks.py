@@ -18,6 +18,9 @@ import time
 
 from hydra.experimental.callback import Callback
 
+from .cli import describe
+from .resolvers import run_mode_defaults
+
 log = logging.getLogger("remoe.report")
 
 
@@ -29,8 +32,6 @@ class ValidateOnRunStart(Callback):
 
         from hydra.core.hydra_config import HydraConfig
 
-        from .cli import describe
-        from .resolvers import run_mode_defaults
         from .train.spec import ConfigError, derive, validate
 
         HydraConfig.instance().set_config(config)  # as Hydra's run_job does next: ${hydra:...} resolves

@@ -14,6 +14,11 @@ import tempfile
 import time
 
 
+def default_cache_dir() -> str:
+    """Where tokenizers, packed corpora and machine measurements are cached: $REMOE_CACHE, else ~/.cache/remoe."""
+    return os.environ.get("REMOE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "remoe"))
+
+
 def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

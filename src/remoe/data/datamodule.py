@@ -29,17 +29,13 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
-from ..io import remove_leftovers
+from ..io import default_cache_dir, remove_leftovers
 from .corpus import expand_files, fingerprint, is_validation, stdlib_documents, stdlib_key
 from .packages import package_documents
 from .tokenizer import cached_bpe, eos_id, load_tokenizer
 
 SOURCES = ("stdlib", "packages", "text_files", "hf", "prepared")
 PREPARED = "prepared.json"  # what a prepared folder holds (prepare_to); read before any data is built
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("REMOE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "remoe"))
 
 
 def _get(example: dict, field: str | None, default: str = "all") -> str:

@@ -13,6 +13,7 @@ import socket
 
 from ..checkpoint import CheckpointError, is_sharded, load_checkpoint, open_checkpoint, run_dir_of
 from ..cli import UsageError, unwritable
+from ..data.datamodule import LMDataModule
 from ..export import TRAINING_CONFIG, is_export, load_hf
 from ..io import write_json_atomic
 from ..train.record import SUMMARY, read_summary
@@ -144,8 +145,6 @@ def data_module_from_record(resolved: str):
     built, from plain values: a record's `_target_` is never instantiated (a file someone hands you must not
     name the code that runs)."""
     from omegaconf import OmegaConf
-
-    from ..data.datamodule import LMDataModule
 
     try:
         data = OmegaConf.to_container(OmegaConf.load(resolved), resolve=False).get("data")

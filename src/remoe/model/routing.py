@@ -276,7 +276,6 @@ class TopK(RoutingMethod):
             raise ConfigFieldError("warmup_topk",
                                    f"must be in [topk, experts={cfg.experts}] (got {kn.warmup_topk!r})")
         self.aux_loss_coef = float(kn.aux_loss_coef) if kn.load_balancing else 0.0  # LB ablation: no aux loss
-        self.warmup_topk, self.warmup_steps = kn.warmup_topk, kn.warmup_steps
         self.k = cfg.n_active  # k*G now (the warm-up raises it)
 
     @classmethod
@@ -294,16 +293,17 @@ class TopK(RoutingMethod):
         return self.aux_loss_coef
 
     def on_train_step_start(self, step: int, model: Transformer) -> None:
-        if self.warmup_topk is None:
+        kn = self.knobs
+        if kn.warmup_topk is None:
             return
-        k = self.warmup_topk if step < self.warmup_steps else self.cfg.topk
+        k = kn.warmup_topk if step < kn.warmup_steps else self.cfg.topk
         self.k = k * self.cfg.granularity
         for m in model.moe_layers():
             m.router.k = self.k
 
     def summary(self) -> dict:
-        return {**super().summary(), "aux_loss_coef": self.aux_loss_coef, "warmup_topk": self.warmup_topk,
-                "warmup_steps": self.warmup_steps}
+        return {**super().summary(), "aux_loss_coef": self.aux_loss_coef, "warmup_topk": self.knobs.warmup_topk,
+                "warmup_steps": self.knobs.warmup_steps}
 
 
 class ReMoE(RoutingMethod):
@@ -334,7 +334,6 @@ class ReMoE(RoutingMethod):
             raise ConfigFieldError("lambda0", f"must be >= {LAMBDA_FLOOR:.3g}, float32's smallest normal "
                                    f"number (got {kn.lambda0!r})")
         self.regularizer = kn.regularizer if kn.load_balancing else "l1"  # LB ablation: plain L1
-        self.lambda0, self.alpha, self.per_layer = float(kn.lambda0), float(kn.alpha), kn.lambda_per_layer
         n = cfg.n_layer if kn.lambda_per_layer else 1
         self.controllers = [LambdaController(cfg.target_sparsity, kn.lambda0, kn.alpha) for _ in range(n)]
 
@@ -362,7 +361,7 @@ class ReMoE(RoutingMethod):
         return sum(c.value for c in self.controllers) / len(self.controllers)
 
     def weighted_loss(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.per_layer:
+        if not self.knobs.lambda_per_layer:
             return super().weighted_loss(out)
         layers = self._layer_losses(out)
         weighted = torch.stack([c.value * r for c, r in zip(self.controllers, layers)]).mean()
@@ -371,7 +370,7 @@ class ReMoE(RoutingMethod):
     def on_optimizer_step(self, stats: RoutingStats, model: Transformer | None = None) -> dict[str, float]:
         super().on_optimizer_step(stats)
         used = [c.value for c in self.controllers]  # lambda_i, the values this step was trained with
-        if self.per_layer:  # each layer on its own integer counts
+        if self.knobs.lambda_per_layer:  # each layer on its own integer counts
             for c, below in zip(self.controllers, stats.layer_below_target(self.cfg.n_active)):
                 c.step(below)
             return {"train/lambda": sum(used) / len(used),
@@ -382,12 +381,12 @@ class ReMoE(RoutingMethod):
     def rank_state(self) -> dict[str, float] | None:
         if not self.sparsity_history:
             return None
-        lambdas = {"lambda": self.controller.value} if not self.per_layer else \
+        lambdas = {"lambda": self.controller.value} if not self.knobs.lambda_per_layer else \
             {f"lambda_l{i}": c.value for i, c in enumerate(self.controllers)}
         return {**lambdas, "sparsity": self.sparsity_history[-1]}
 
     def state_dict(self) -> dict:
-        if self.per_layer:
+        if self.knobs.lambda_per_layer:
             return {**super().state_dict(), "lambda_controllers": [c.state_dict() for c in self.controllers]}
         return {**super().state_dict(), "lambda_controller": self.controller.state_dict()}
 
@@ -401,14 +400,15 @@ class ReMoE(RoutingMethod):
             raise ValueError(f"the checkpoint holds {len(saved)} lambda controller(s), this run "
                              f"{len(self.controllers)}: lambda_per_layer cannot change on resume")
         for c, st in zip(self.controllers, saved):
-            c.load_state_dict({**st, "alpha": self.alpha})
+            c.load_state_dict({**st, "alpha": float(self.knobs.alpha)})
 
     def summary(self) -> dict:
         i = settling_step(self.sparsity_history, self.cfg.target_sparsity)
-        return {**super().summary(), "regularizer": self.regularizer, "lambda0": self.lambda0,
-                "alpha": self.alpha, "lambda_per_layer": self.per_layer,
-                "lambda": None if self.per_layer else self.controller.value,
-                "layer_lambda": [c.value for c in self.controllers] if self.per_layer else None,
+        kn, per_layer = self.knobs, self.knobs.lambda_per_layer
+        return {**super().summary(), "regularizer": self.regularizer, "lambda0": float(kn.lambda0),
+                "alpha": float(kn.alpha), "lambda_per_layer": per_layer,
+                "lambda": None if per_layer else self.controller.value,
+                "layer_lambda": [c.value for c in self.controllers] if per_layer else None,
                 "sparsity": tail_mean(self.sparsity_history),
                 "settling_step": None if i is None else self.history_start + i}
 

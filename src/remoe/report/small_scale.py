@@ -16,8 +16,10 @@ import os
 import numpy as np
 import pandas as pd
 
+from ..analysis import expert_similarity
+from ..checkpoint import load_checkpoint
 from ..model.routing import METHODS
-from .collect import collect, read_metrics
+from .collect import collect, read_metrics, run_dirs
 from .figures import _save, plt
 from .stats import RULES, compare
 from .tables import _key, fmt, to_markdown, variant
@@ -65,9 +67,6 @@ SIMILARITY = "expert_similarity.json"
 def write_similarity(run_dir: str) -> bool:
     """expert_similarity.json of a run from its final checkpoint (when the checkpoint is still there: the
     committed records keep the JSON, not the checkpoint)."""
-
-    from ..analysis import expert_similarity
-    from ..checkpoint import load_checkpoint
 
     ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt):
@@ -245,8 +244,6 @@ def main() -> None:
                    help="first write expert_similarity.json into every run folder that still has its checkpoint")
     a = p.parse_args()
     if a.similarity:
-        from .collect import run_dirs
-
         for d in run_dirs(a.runs):
             write_similarity(d)
     notes = open(a.notes).read() if a.notes else None

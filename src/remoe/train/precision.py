@@ -22,7 +22,7 @@ import os
 import platform
 import time
 
-from ..io import write_json_atomic
+from ..io import default_cache_dir, write_json_atomic
 
 log = logging.getLogger("remoe")
 
@@ -70,8 +70,6 @@ def decide(fp32_s: float, bf16_s: float) -> str:
 
 
 def _cache_path() -> str:
-    from ..data.datamodule import default_cache_dir
-
     return os.path.join(default_cache_dir(), "precision.json")
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..cli import UsageError
 from ..data.corpus import check_text_file, expand_files
 from ..data.datamodule import SOURCES, read_prepared
+from ..eval.run import HubUnavailable, check_eval, check_tasks
 from ..model import ModelConfig, RoutingMethod, build_method, method_of
 from ..model.config import ConfigFieldError
 from ..model.presets import CONF_DIR
@@ -215,7 +216,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"size.seq_len: {cfg.size.seq_len} exceeds the model context {mcfg.max_seq_len}")
     batch_split(cfg)
     check_data(cfg)
-    check_eval(cfg)
+    check_downstream(cfg)
     return RunSpec(mcfg, routing_knobs(cfg), method)
 
 
@@ -265,12 +266,10 @@ def check_data(cfg: DictConfig) -> None:
             raise ConfigError(f"data.files: {str(e).removeprefix('data.files: ')}") from None
 
 
-def check_eval(cfg: DictConfig) -> None:
+def check_downstream(cfg: DictConfig) -> None:
     """The downstream evaluation's suite and tasks (lm-eval loads only when one is configured)."""
     if cfg.eval.suite == "none":
         return
-    from ..eval.run import HubUnavailable, check_eval, check_tasks  # lm-eval: seconds to import
-
     try:
         check_eval(cfg.eval)
         check_tasks(cfg.eval.suite, cfg.eval.tasks)

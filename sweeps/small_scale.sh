@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12's runs: tiny preset, 2,000 steps (8.2M tokens), LR warm-up 120 steps, seeds paired (the same
 # seed gives every arm the same batches). Resumable: rerunning skips completed runs and resumes cut ones.
-# Usage: REMOE_OUTPUT=/somewhere [ARMS_ORDER="remoe topk ..."] bash reports/remoe_small_scale/run.sh [seeds...]
+# Usage: REMOE_OUTPUT=/somewhere [ARMS_ORDER="remoe topk ..."] bash sweeps/small_scale.sh [seeds...]  (pages: reports/remoe_small_scale.md)
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 ROOT=${REMOE_OUTPUT:-outputs}/remoe_small_scale
 SEEDS=${*:-1 2 3}
 mkdir -p "$ROOT"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 20's regime search: at which CPU setting does Dense x8 < TopK (E=8, k=1) < Dense hold, with
 # gaps above seed noise? Each setting is a set of train.py overrides; runs are seed-paired and resumable.
-# Usage: REMOE_OUTPUT=/somewhere [ARMS="dense8"] bash reports/regime/run.sh SETTING [seeds...]
+# Usage: REMOE_OUTPUT=/somewhere [ARMS="dense8"] bash sweeps/regime.sh SETTING [seeds...]  (records: reports/regime/)
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 declare -A SETTINGS=(
   [tiny1k]="size=tiny trainer.max_steps=1000 size.warmup=60"                    # ~1 epoch of stdlib
   [tiny1k_lr1]="size=tiny trainer.max_steps=1000 size.warmup=60 size.lr=1e-3 size.min_lr=1e-4"
