@@ -28,7 +28,7 @@ from .cli import UsageError, guard, task, unwritable
 from .console import quiet_third_party
 from .data.tokenizer import EOS
 from .io import remove_leftovers
-from .model import ModelConfig, Transformer, param_counts
+from .model import ModelConfig, Transformer, method_of, param_counts
 from .model.presets import CONF_DIR
 from .train.record import read_summary
 
@@ -200,7 +200,7 @@ def hf_tokenizer(tokenizer, cfg: ModelConfig):
 
 def model_card(cfg: ModelConfig, summary: dict, repo: str | None) -> str:
     """README.md of an export: what the model is, how it was trained, how to load it."""
-    name = {"dense": f"Dense×{cfg.ffn_mult}" if cfg.ffn_mult > 1 else "Dense"}.get(cfg.routing, cfg.routing)
+    name = cfg.routing if cfg.is_moe else f"Dense×{cfg.ffn_mult}" if cfg.ffn_mult > 1 else "Dense"
     tags = "tags: [mixture-of-experts, remoe]" if cfg.is_moe else "tags: [remoe]"
     lines = ["---", "library_name: transformers", tags, "---", "", f"# {repo or name} ({cfg.routing})", "",
              "Trained with remoe (a ReMoE replication pipeline); exported by its `src/export.py`.", ""]
@@ -239,8 +239,8 @@ def _card_usage(cfg: ModelConfig) -> list[str]:
     if cfg.is_moe:
         lines += ["", "`model(ids, output_router_logits=True).router_logits`: each MoE layer's gates (tokens, "
                   "E·G); zeros are experts a token was not routed to. No KV cache: generation recomputes the prefix."]
-    if cfg.routing == "ec":
-        lines += ["", "Expert Choice routing is not causal across the batch: a token's experts depend on the "
+    if not method_of(cfg).causal:
+        lines += ["", f"The `{cfg.routing}` routing is not causal across the batch: a token's experts depend on the "
                   "other tokens of its forward."]
     return lines
 

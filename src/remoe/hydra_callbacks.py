@@ -16,6 +16,9 @@ import os
 import sys
 import time
 
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 
 from .cli import describe
@@ -29,8 +32,6 @@ class ValidateOnRunStart(Callback):
     process here: one line on stderr (remoe.cli.describe), exit code 2."""
 
     def on_run_start(self, config, **kwargs) -> None:
-
-        from hydra.core.hydra_config import HydraConfig
 
         from .train.spec import ConfigError, derive, validate
 
@@ -89,8 +90,6 @@ def point_cost(cfg) -> tuple[float, float]:
 def grid_points(task_overrides: list[str]) -> list[list[str]]:
     """Every point of a -m grid: the task overrides with each sweep (a,b,c / range(...)) expanded, in
     Hydra's basic sweeper order (the cartesian product, the last sweep varying fastest)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(task_overrides)
     axes = []
     for o in parsed:
@@ -125,8 +124,6 @@ class GridProgress(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         if not self.enabled:
             return
-        from hydra import compose
-
         self.start = time.time()
         points = grid_points(list(config.hydra.overrides.task))
         try:

@@ -85,6 +85,8 @@ class RoutingMethod:
     progress_bar: ClassVar[tuple[str, ...]] = ()  # logged keys to show in the progress bar
     arch_options: ClassVar[tuple[str, ...]] = ()  # the ModelConfig router options this method reads
     dense_start: ClassVar[bool] = False  # routes most tokens to most experts in its first steps (memory plan)
+    # False: a token's experts depend on the other tokens of its forward (said on an exported model's card)
+    causal: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -438,6 +440,7 @@ class ExpertChoice(RoutingMethod):
 
     name = "ec"
     arch_options = ("capacity_factor",)
+    causal = False
 
     @classmethod
     def check_arch(cls, cfg: ModelConfig) -> None:

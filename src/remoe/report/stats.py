@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
+from scipy.optimize import brentq
 
 P = 0.05  # two-sided significance level
 TREND_PAIRS = 0.8  # share of adjacent steps that must move the claimed way
@@ -72,8 +73,6 @@ def power(effect: float, sd: float, n: int, paired: bool = True, n_b: int | None
 def mde(sd: float, n: int, paired: bool = True, n_b: int | None = None, alpha: float = P,
         target: float = POWER) -> float | None:
     """The smallest |difference| detected with `target` power (None when untestable)."""
-    from scipy.optimize import brentq
-
     if not sd > 0 or (n - 1 if paired else n + (n_b or n) - 2) < 1:
         return None
     hi = sd

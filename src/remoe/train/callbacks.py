@@ -8,6 +8,9 @@ import signal
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class RoutingStatsWriter(L.Callback):
@@ -92,8 +95,6 @@ class FaultCheckpoint(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # after Lightning registered its own SIGTERM handler (which would stop between micro-batches)
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
         signals = [signal.SIGINT, signal.SIGTERM]
         env = trainer._accelerator_connector.cluster_environment
         if not (isinstance(env, SLURMEnvironment) and env.auto_requeue) and hasattr(signal, "SIGUSR1"):
@@ -135,8 +136,6 @@ class FaultCheckpoint(L.Callback):
         self._restore_signals()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         self._restore_signals()
         if isinstance(exception, SIGTERMException):
             self.stopped_by = self.stopped_by or "SIGTERM"
@@ -165,6 +164,4 @@ class TQDMBar(_WithoutVersion, L.pytorch.callbacks.TQDMProgressBar):
 
 def progress_bar() -> L.Callback:
     """The bar Lightning would pick (Rich when installed, else tqdm), without `v_num`."""
-    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
-
     return RichBar() if _RICH_AVAILABLE else TQDMBar()

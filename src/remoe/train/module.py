@@ -12,6 +12,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..checkpoint import FORMAT, FORMAT_KEY
 from ..model import ModelConfig, RoutingMethod, RoutingStats, Transformer, build_method
@@ -71,8 +73,6 @@ class LitLM(L.LightningModule):
         mesh = self._device_mesh
         if mesh is None or self.sharded:
             return
-        from torch.distributed.fsdp import fully_shard
-
         dp = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
         if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
             raise ValueError("trainer.strategy: tensor parallelism is not implemented; set tensor_parallel_size=1")
@@ -85,8 +85,6 @@ class LitLM(L.LightningModule):
         """Whether configure_model sharded the model (fully_shard makes it an FSDPModule)."""
         if not torch.distributed.is_available():  # a torch built without distributed cannot shard
             return False
-        from torch.distributed.fsdp import FSDPModule
-
         return isinstance(self.model, FSDPModule)
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,8 +150,6 @@ class LitLM(L.LightningModule):
         under FSDP2 (whose sharded partial norms full_tensor() combined), without an fp16 loss scaler. Also why
         a fused AdamW can clip here: Lightning's mixed-precision plugin refuses clipping with any fused
         optimizer, a guard that matters only for a GradScaler (bf16-mixed has none). Else Lightning clips."""
-        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
-
         whole = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy))
         if (gradient_clip_val and gradient_clip_algorithm in (None, "norm") and whole and self._grad_norm is not None
                 and getattr(self.trainer.precision_plugin, "scaler", None) is None):

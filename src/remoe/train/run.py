@@ -24,6 +24,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -53,9 +55,6 @@ def needs_own_process(cfg: DictConfig) -> bool:
     """Multirun + multi-process DDP on this machine: Lightning's ddp relaunches
     sys.argv (with -m) for the other ranks, so each would start the sweep again. Such a grid point runs
     as a plain single-run child process instead. Under SLURM the launcher creates the ranks."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return (multirun and world_size(cfg) > 1 and "SLURM_NTASKS" not in os.environ
             and str(cfg.trainer.strategy).startswith("ddp") and cfg.trainer.strategy != "ddp_spawn")
@@ -76,8 +75,6 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         return done
     if not needs_own_process(cfg):
         return train(cfg, run_dir)
-
-    from hydra.core.hydra_config import HydraConfig
 
     validate(cfg)
     overrides = [o for o in HydraConfig.get().overrides.task  # the grid's resume rule travels to the child
@@ -208,8 +205,6 @@ def log_downstream(loggers, downstream: dict, step: int) -> None:
 
 def resume_command() -> str:
     """The command that continues this run: the same overrides plus resume=true."""
-
-    from hydra.core.hydra_config import HydraConfig
 
     task = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     args = [o for o in task if not o.startswith("resume=")] + ["resume=true"]
