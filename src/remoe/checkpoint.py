@@ -287,7 +287,7 @@ def save_atomic(obj, path: str) -> None:
 
 
 def checkpoint_io():
-    """Lightning's CheckpointIO plugin for training (pipeline: Trainer(plugins=[checkpoint_io()]))."""
+    """Lightning's CheckpointIO plugin for training (train.run: Trainer(plugins=[checkpoint_io()]))."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):

@@ -52,7 +52,7 @@ class Resume(NamedTuple):
 
 def _resume_changes(cfg: DictConfig, run_dir: str, step: int) -> tuple:
     """What this resume changes against the run's config_resolved.yaml: ConfigError naming every training
-    key a resume may not change (runs.RESUMABLE: the step count and routing-method knobs may), and the
+    key a resume may not change (RESUMABLE: the step count and routing-method knobs may), and the
     device count (each rank's batches are a function of the world size); the allowed changes, to record."""
     try:
         saved = read_config(run_dir)
