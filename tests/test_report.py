@@ -213,6 +213,24 @@ def test_committed_small_scale_page_regenerates_from_its_records(tmp_path, study
     assert figures == {p.name for p in (tmp_path / "remoe_small_scale" / "figures").iterdir()}
 
 
+def test_small_scale_page_refuses_bad_input_in_one_line(tmp_path):
+    """`python -m remoe.report.small_scale` follows the entry scripts' rule: a missing folder, unreadable notes or
+    a folder without completed runs is one line and exit 2, before anything is written."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "empty").mkdir()
+    for args, why in ((["--runs", "nope"], "no such folder"),
+                      (["--runs", str(tmp_path / "empty"), "--notes", "nope.md"], "cannot read"),
+                      (["--runs", str(tmp_path / "empty")], "no completed run")):
+        p = subprocess.run([sys.executable, "-m", "remoe.report.small_scale", *args, "--out", str(tmp_path / "out")],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 2 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
     """`report.py --keep-records` copies completed runs' compact records (no checkpoints) and never
     replaces one already kept; a report from the records equals the report from the runs."""

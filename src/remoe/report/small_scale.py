@@ -9,7 +9,6 @@ shared seeds).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -18,6 +17,7 @@ import pandas as pd
 
 from ..analysis import expert_similarity
 from ..checkpoint import load_checkpoint
+from ..cli import ArgumentParser, UsageError, guard
 from ..model.routing import METHODS
 from .collect import collect, read_metrics, run_dirs
 from .figures import _save, plt
@@ -236,19 +236,28 @@ def build(roots: list[str], out_dir: str, notes: str | None = None) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--runs", nargs="+", required=True)
     p.add_argument("--out", default="reports")
     p.add_argument("--notes", default=None, help="a Markdown file with the findings, placed at the top")
     p.add_argument("--similarity", action="store_true",
                    help="first write expert_similarity.json into every run folder that still has its checkpoint")
     a = p.parse_args()
+    missing = [r for r in a.runs if not os.path.isdir(r)]
+    if missing:
+        raise UsageError(f"--runs: no such folder {missing[0]!r}")
+    try:
+        notes = open(a.notes, encoding="utf-8").read() if a.notes else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--notes: cannot read {a.notes!r} ({type(e).__name__})") from None
     if a.similarity:
         for d in run_dirs(a.runs):
             write_similarity(d)
-    notes = open(a.notes).read() if a.notes else None
-    print(build(a.runs, a.out, notes))
+    try:
+        print(build(a.runs, a.out, notes))
+    except ValueError as e:  # no completed run under --runs
+        raise UsageError(f"--runs: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    guard(main, "small_scale")
