@@ -32,7 +32,6 @@ class ValidateOnRunStart(Callback):
     process here: one line on stderr (remoe.cli.describe), exit code 2."""
 
     def on_run_start(self, config, **kwargs) -> None:
-
         from .train.spec import ConfigError, derive, validate
 
         HydraConfig.instance().set_config(config)  # as Hydra's run_job does next: ${hydra:...} resolves

@@ -80,7 +80,6 @@ def write_similarity(run_dir: str) -> bool:
 
 
 def _similarity(run_dir: str) -> float:
-
     path = os.path.join(run_dir, SIMILARITY)
     if not os.path.isfile(path):
         return np.nan

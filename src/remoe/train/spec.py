@@ -47,7 +47,6 @@ MOE_DISPATCH = ("auto", "exact", "bounded")  # model.moe.PairCapacity
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")  # an experiment name: one folder under paths.root
 
 
-
 def _key(cfg: DictConfig, field: str) -> str:
     """The config key that set a ModelConfig field or a method knob."""
     if field == "routing":
