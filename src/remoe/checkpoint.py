@@ -112,8 +112,9 @@ def check_shapes(cfg, stored: dict[str, tuple[int, ...]]) -> None:
     """ValueError unless a model of `cfg` has exactly the stored tensors. The config's parameter count
     (arithmetic) is checked against the stored numbers first, so no config larger than the file is ever
     built; then the model is built on the meta device (no memory) and its state dict compared."""
-    if param_counts(cfg)["total"] > sum(math.prod(s) for s in stored.values()):
-        raise ValueError(f"its config describes {param_counts(cfg)['total']:,} parameters, it stores fewer")
+    described = param_counts(cfg)["total"]
+    if described > sum(math.prod(s) for s in stored.values()):
+        raise ValueError(f"its config describes {described:,} parameters, it stores fewer")
     with torch.device("meta"):
         want = {f"model.{k}": tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     if want != stored:

@@ -35,7 +35,7 @@ def read_resume_changes(run_dir: str) -> list[dict]:
         return []
 
 
-def check_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
+def check_same_arch(saved: dict, mcfg: ModelConfig, ignore: tuple[str, ...] = ()) -> None:
     """A ConfigError naming every field where the checkpoint's architecture differs from this run's."""
     diff = {k: (saved.get(k), v) for k, v in mcfg.to_dict().items() if k not in ignore and saved.get(k) != v}
     if diff:
@@ -111,7 +111,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: str, mcfg: ModelConfig) -> Resum
     except CheckpointError as e:  # another format: refused in one line, whole
         raise ConfigError(f"resume: {e}; nothing in the run folder was changed") from None
     saved = dict(ckpt["hyper_parameters"]["model"])
-    check_arch(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
+    check_same_arch(saved, mcfg, ignore=("vocab_size",))  # the vocabulary is known after data prep
     optim = ckpt["hyper_parameters"].get("optim") or {}
     changed = [f"optim.{k}={optim.get(k, v)!r} there, {cfg.optim.get(k, v)!r} here" for k, v in RECIPE.items()
                if optim.get(k, v) != cfg.optim.get(k, v)]

@@ -45,7 +45,7 @@ from .loggers import CSVLogger
 from .module import LitLM, compile_blocks
 from .optim import RECIPE
 from .record import SUMMARY, RunSummary, git_commit, package_versions, read_config, read_summary, training_changes
-from .resume import RESUME_CHANGES, Resume, check_arch, read_resume_changes, resume_checkpoint
+from .resume import RESUME_CHANGES, Resume, check_same_arch, read_resume_changes, resume_checkpoint
 from .spec import ConfigError, RunSpec, derive, validate, world_size
 
 log = logging.getLogger("remoe")
@@ -364,7 +364,7 @@ def prepare(cfg: DictConfig, a: Attempt) -> None:
     loggers, callbacks and Trainer."""
     a.dm, mcfg = build_data(cfg, a.spec.model)
     if a.resume.arch:
-        check_arch(a.resume.arch, mcfg)
+        check_same_arch(a.resume.arch, mcfg)
     counts = param_counts(mcfg)
     a.summary.update(total_params=counts["total"], active_params=counts["active"],
                      vocab_size=mcfg.padded_vocab_size, corpus=a.dm.corpus_fingerprint, seq_len=cfg.size.seq_len,
