@@ -170,7 +170,7 @@ def record_problem(run_dir: str) -> str | None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The rows of a JSONL record file (`path`, or its kept .gz copy); [] when it does not exist."""
+    """The rows of a JSONL record file (`path`, or its kept .xz copy); [] when it does not exist."""
     found = record_file(os.path.dirname(path), os.path.basename(path))
     if found is None:
         return []
