@@ -14,11 +14,13 @@
 #   e64         14  TopK, ReMoE x E=64 x seeds 1-7                                                 ~3.0 h
 #   e32         10  TopK, ReMoE x E=32 x seeds 1-5                                                 ~1.8 h
 #   records      -  copy the compact records to reports/powered/runs/, then the report into reports/powered/
+#                   (run this stage from a checkout of the current code: the report is the current report.py's)
 # If the regime check fails, stop after `regime` and record it (README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"
 status=0
+REPORT_ARGS="--runs reports/powered/runs --notes reports/powered/notes.md"  # the committed page (a test rebuilds it)
 run() { python src/train.py -m report_on_multirun_end=false trainer.enable_progress_bar=false "$@" || status=1; }
 stage() {
   case $1 in
@@ -28,7 +30,7 @@ stage() {
     e64) run +sweep=powered/experts experts=64 seed=1,2,3,4,5,6,7 ;;
     e32) run +sweep=powered/experts experts=32 seed=1,2,3,4,5 ;;
     records) python src/report.py --keep-records "$REMOE_OUTPUT/sweeps" reports/powered/runs || status=1
-             python src/report.py --runs reports/powered/runs --out reports/powered || status=1 ;;
+             python src/report.py $REPORT_ARGS --out reports/powered || status=1 ;;
   esac
 }
 STAGES="corpus regime e128 e64 e32 records"

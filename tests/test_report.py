@@ -281,28 +281,44 @@ def test_kept_records_report_as_the_runs_do(tiny_sweep, tmp_path):
 STUDY1K_ARGS = "--runs reports/study1k/runs --notes reports/study1k/notes.md --bench reports/bench/bench_*.json"
 
 
-@pytest.mark.parametrize("where", ["reports", "reports/study1k"])
-def test_committed_report_regenerates_from_committed_records(tmp_path, where):
-    """Issue 20: reports/ is exactly what the replication's `records` stage makes from the committed run
-    records (reports/runs), and reports/study1k/ what the same command makes from the first replication's
-    (reports/study1k/runs): same tables, index and figure names, byte for byte, and no stale file."""
+def _report_args(where: str) -> list[str]:
+    """The committed report's command line: its study driver's REPORT_ARGS (globs expanded from the root)."""
     import re
     import shlex
+
+    from conftest import ROOT
+    driver = {"reports": "replicate_cpu.sh", "reports/powered": "powered.sh"}.get(where)
+    if driver is None:
+        args = STUDY1K_ARGS
+    else:
+        script = (ROOT / "sweeps" / driver).read_text()
+        args = re.search(r'^REPORT_ARGS="(.*)"', script, re.MULTILINE).group(1)
+    return [a for pat in shlex.split(args) for a in (sorted(glob.glob(pat, root_dir=ROOT)) if "*" in pat else [pat])]
+
+
+# the regime check's rows each committed report must show: the powered study runs no ReMoE at E=8
+REGIME_ROWS = {"reports": {"dense", "dense×8", "topk", "remoe"}, "reports/study1k": {"dense", "dense×8", "topk", "remoe"},
+               "reports/powered": {"dense", "dense×8"}}
+
+
+@pytest.mark.parametrize("where", ["reports", "reports/study1k", "reports/powered"])
+def test_committed_report_regenerates_from_committed_records(tmp_path, where):
+    """Issues 20 and 40: reports/ is exactly what the replication's `records` stage makes from the committed
+    run records (reports/runs), reports/study1k/ what the same command makes from the first replication's
+    (reports/study1k/runs), and reports/powered/ what the powered study's `records` stage makes from its
+    records: same tables, index and figure names, byte for byte, and no stale file."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    script = (ROOT / "sweeps" / "replicate_cpu.sh").read_text()
-    report_args = re.search(r'^REPORT_ARGS="(.*)"$', script, re.MULTILINE).group(1)
-    args = shlex.split(report_args if where == "reports" else STUDY1K_ARGS)
-    args = [a for pat in args for a in (sorted(glob.glob(pat, root_dir=ROOT)) if "*" in pat else [pat])]
+    args = _report_args(where)
     out = tmp_path / "reports"
     p = subprocess.run([sys.executable, "src/report.py", *args, "--out", str(out)], cwd=ROOT, check=False,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     methods = pd.read_csv(out / "tables" / "routing_methods.csv", dtype=str)
-    assert {"dense", "dense×8", "topk", "remoe"} <= set(methods["model"])  # the regime check's rows are shown
+    assert REGIME_ROWS[where] <= set(methods["model"])  # the regime check's rows are shown
     lines = (out / "README.md").read_text().splitlines()
     runs = [line.split(" | ") for line in lines if "/model-dense" in line]
     assert runs and all(r[1] == ("dense×8" if "dense8" in r[0] else "dense") for r in runs)  # Runs table too

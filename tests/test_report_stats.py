@@ -324,3 +324,54 @@ def test_the_memorisation_table_reads_each_pass_end(tmp_path):
     assert [t.loc["topk", f"pass {k}"] for k in (1, 2, 3)] == ["0.100", "0.600", "1.100"]
     assert [t.loc["remoe", f"pass {k}"] for k in (1, 2, 3)] == ["0.100", "0.400", "0.700"]
     assert "grows by after pass 1 is memorisation" in (tmp_path / "rep" / "README.md").read_text()
+
+
+def test_a_comparison_states_its_confidence_interval():
+    """Issue 40: the gap curve's intervals come from the verdict's own test: paired, the mean difference ±
+    t(0.975, n−1)·sd/√n; Welch, the same from Welch's standard error and degrees of freedom."""
+    from scipy import stats as st
+
+    from remoe.report.stats import t_test
+    a = pd.Series([4.50, 4.53, 4.49, 4.55], index=[1, 2, 3, 4])
+    b = pd.Series([4.58, 4.57, 4.60, 4.56], index=[1, 2, 3, 4])
+    c = t_test(a, b)
+    d = (a - b).to_numpy()
+    half = st.t.ppf(0.975, 3) * d.std(ddof=1) / len(d) ** 0.5
+    assert c.paired and c.ci == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-12)
+    b.index = [5, 6, 7, 8]  # other seeds: Welch
+    c = t_test(a, b)
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 4
+    dof = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 3)
+    half = st.t.ppf(0.975, dof) * (va + vb) ** 0.5
+    assert not c.paired and c.ci == pytest.approx((c.diff - half, c.diff + half), abs=1e-12)
+    assert t_test(a[:1], b).ci is None  # untestable: no interval
+
+
+def test_the_gap_table_and_figure_are_the_claims_tests(tmp_path):
+    """Issue 40: ReMoE − TopK per E lists the claim's own tests (the same verdicts, Holm over the rows), with
+    each interval, next to the paper's difference at every E; the figure is drawn from the same tests."""
+    from remoe.report.figures import gap_plot
+    from remoe.report.gaps import gap_table
+    vals = {8: [(4.60, 4.50), (4.62, 4.51), (4.61, 4.52)], 32: [(4.40, 4.41), (4.45, 4.42), (4.41, 4.44)]}
+    for e, pairs in vals.items():
+        for seed, (t, r) in enumerate(pairs, start=1):
+            record(tmp_path, f"t{e}_{seed}", "topk", seed, t, experts=e)
+            record(tmp_path, f"r{e}_{seed}", "remoe", seed, r, experts=e)
+    df = collect([str(tmp_path)]).runs
+    table = gap_table(df, "experts")
+    ours = table[table["source"].str.startswith("ours")].set_index("E")
+    _, lines, _ = _remoe_vs_topk(df, "experts")
+    assert list(ours.index) == ["8", "32"] and list(ours["test"]) == ["paired", "paired"]
+    assert ours.loc["8", "verdict"] == "holds" and "**holds**" in lines[0]
+    assert ours.loc["32", "verdict"] == "inconclusive" and "**inconclusive**" in lines[1]
+    assert ours.loc["8", "remoe − topk"] == f"{(4.50 + 4.51 + 4.52 - 4.60 - 4.62 - 4.61) / 3:+.4f}"
+    lo, hi = (float(x) for x in ours.loc["32", "95% CI"].strip("[]").split(", "))
+    assert lo < 0 < hi and ours.loc["8", "paper"] == "-0.015"  # the paper's 1.921 − 1.936 at E=8
+    p8, p32 = (float(ours.loc[e, "p"]) for e in ("8", "32"))
+    assert float(ours.loc["8", "p (Holm)"]) == pytest.approx(2 * min(p8, p32), rel=1e-2)  # Holm over 2
+    paper_rows = table[table["source"].str.startswith("paper")]
+    assert list(paper_rows["E"]) == ["4", "8", "16", "32", "64", "128"]
+    (tmp_path / "fig").mkdir()
+    assert gap_plot(df, "experts", str(tmp_path / "fig")).endswith("fig_gap_experts.png")
+    assert gap_table(df[df["experts"] == 8], "experts") is None  # one point: no family, no curve
+    assert gap_plot(df[df["experts"] == 8], "experts", str(tmp_path / "fig")) is None

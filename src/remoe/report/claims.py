@@ -9,9 +9,9 @@ import re
 import pandas as pd
 
 from ..train.optim import RECIPE
-from . import paper
 from .collect import inactive_cells, routing_share, short_path
-from .provenance import pair_key
+from .gaps import remoe_vs_topk
+from .provenance import by_pair, with_pairs
 from .stats import Verdict, all_of, clear_gap, compare, family, t_test, trend
 from .tables import LB_KNOBS, _standard, at_standard, identity_keys, load_balanced, off_recipe, paper_point, variant
 
@@ -27,51 +27,18 @@ def _f3(v) -> str:
     return "unknown" if v is None or pd.isna(v) else f"{float(v):.3f}"
 
 
-def _with_pairs(df: pd.DataFrame) -> pd.DataFrame:
-    """df with each run's pairing key (seed, CPU model, model/data code) as column "pair": computed over the
-    whole frame, so that commits of one model/data code share one class (provenance.pair_key)."""
-    return df if "pair" in df else df.assign(pair=pair_key(df))
-
-
-def _by_seed(g: pd.DataFrame, col: str = "val_loss") -> pd.Series:
-    """A column indexed by each run's pairing key: the tests pair two runs only where the whole key is equal."""
-    return pd.Series(g[col].to_numpy(), index=pd.Index(g["pair"], tupleize_cols=False))
-
-
-def _paper_gap(axis: str, value) -> float | None:
-    """The paper's ReMoE − TopK validation loss at this point of the E or G axis (182M, 30B tokens)."""
-    table = {"experts": paper.VAL_E, "granularity": paper.VAL_G}[axis]
-    try:
-        return table["remoe"][int(value)] - table["topk"][int(value)]
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dict]:
-    """ReMoE's val loss below TopK's at each value of `axis` (standard settings, k=1, E=8 or G=1): one family
-    of tests, Holm-adjusted; each line names its test, raw and adjusted p, the MDE and the seeds the paper's
-    effect at that point would need."""
-    df = _with_pairs(df)
-    moe = df[(_standard(df, "topk") | _standard(df, "remoe")) & (df["topk"] == 1)]
-    moe = moe[moe["granularity"] == 1] if axis == "experts" else moe[moe["experts"] == 8]
-    gaps, rows = {}, []
-    if moe.empty:
-        return all_of([], f"values of {axis}"), [], gaps
-    # one comparison per setting: the axis value and any other identity field that varies (never pooled)
-    keys = [k for k in identity_keys(moe, [axis, "model"]) if k != "model"]
-    for key, g in moe.groupby(keys, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        t, r = g[g["model"] == "topk"], g[g["model"] == "remoe"]
-        if len(t) and len(r):
-            gap = t["val_loss"].mean() - r["val_loss"].mean()
-            gaps.setdefault(key[0], []).append(gap)
-            setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, key))
-            rows.append((setting, t, r, gap, t_test(_by_seed(r), _by_seed(t)), _paper_gap(axis, key[0])))
-    verdicts = family([c for *_, c, _ in rows], [e for *_, e in rows])
-    lines = [f"{setting}: topk {_ms(t['val_loss'])}, remoe {_ms(r['val_loss'])}, topk − remoe = {gap:+.4f}: {v}"
-             for (setting, t, r, gap, _, _), v in zip(rows, verdicts)]
-    gaps = {v: g[0] for v, g in gaps.items() if len(g) == 1}  # a trend over one setting per axis value
-    return all_of(verdicts, "settings"), lines, gaps
+    """ReMoE's val loss below TopK's at each value of `axis` (gaps.remoe_vs_topk: one family of tests,
+    Holm-adjusted); each line names its test, raw and adjusted p, the MDE and the seeds the paper's effect
+    at that point would need. gaps: TopK − ReMoE per axis value that has one setting (the trend's points)."""
+    found = remoe_vs_topk(df, axis)
+    lines = [f"{g.setting}: topk {_ms(g.topk['val_loss'])}, remoe {_ms(g.remoe['val_loss'])}, topk − remoe = "
+             f"{g.topk['val_loss'].mean() - g.remoe['val_loss'].mean():+.4f}: {g.verdict}" for g in found]
+    by_value = {}
+    for g in found:
+        by_value.setdefault(g.value, []).append(g.topk["val_loss"].mean() - g.remoe["val_loss"].mean())
+    gaps = {v: x[0] for v, x in by_value.items() if len(x) == 1}  # a trend over one setting per axis value
+    return all_of([g.verdict for g in found], "settings"), lines, gaps
 
 
 def inactive_experts(run_dir: str) -> int | None:
@@ -80,7 +47,7 @@ def inactive_experts(run_dir: str) -> int | None:
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
-    df = _with_pairs(df)
+    df = with_pairs(df)
     moe = df[df["model"].notna() & df["experts"].notna()].copy()  # every MoE run
     moe["inactive"] = [inactive_experts(d) for d in moe["run_dir"]]
     moe = moe.dropna(subset=["inactive"])
@@ -102,8 +69,8 @@ def _inactive_claim(df: pd.DataFrame) -> list[str]:
             keys = [k for k in identity_keys(runs, ["model"]) if k not in LB_KNOBS]
             groups = [(g[g["lb"]], g[~g["lb"]]) for _, g in runs.groupby(keys, dropna=False, sort=True)]
             common = [(sa, sb) for sa, sb in groups if len(sa) and len(sb)]
-            rows += [(m, sa, sb, t_test(_by_seed(sa, "inactive").astype(float),
-                                        _by_seed(sb, "inactive").astype(float))) for sa, sb in common]
+            rows += [(m, sa, sb, t_test(by_pair(sa, "inactive").astype(float),
+                                        by_pair(sb, "inactive").astype(float))) for sa, sb in common]
             absent += [] if common else [f"  - {m}: no setting run both with and without load balancing"]
         verdicts = family([c for *_, c in rows])
         lines = [f"  - {m} (E={sa.iloc[0]['experts']:g}, k={sa.iloc[0]['topk']:g}, G={sa.iloc[0]['granularity']:g}): "
@@ -133,7 +100,7 @@ def _regime(df: pd.DataFrame) -> list[str]:
     loss beyond seed noise, ranking routing methods ranks noise. Checked once per optimizer recipe the runs
     share (train.optim.RECIPE; a study off the paper's recipe, e.g. issue 20's optim.ffn_down_lr=fan_in, is
     named in its line), never across recipes."""
-    df = _with_pairs(df)
+    df = with_pairs(df)
     keys = [k for k in RECIPE if k in df]
     if not keys:
         return _regime_at(df, [])
@@ -147,7 +114,7 @@ def _regime_at(df: pd.DataFrame, recipe: list[str]) -> list[str]:
     d8, topk, dense = (_e8(df, "dense×8"), _e8(df, "topk"), _e8(df, "dense"))
     if not (len(d8) and len(topk) and len(dense)):
         return []
-    a, b = clear_gap(_by_seed(d8), _by_seed(topk)), clear_gap(_by_seed(topk), _by_seed(dense))
+    a, b = clear_gap(by_pair(d8), by_pair(topk)), clear_gap(by_pair(topk), by_pair(dense))
     at = f" (every run: {', '.join(recipe)})" if recipe else ""
     return [f"- Regime check{at} — Dense×8 < TopK < Dense, as at 182M (1.873 < 1.936 < 2.042): "
             f"{all_of([a, b], 'gaps')}.",
@@ -158,7 +125,7 @@ def _regime_at(df: pd.DataFrame, recipe: list[str]) -> list[str]:
 def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
     """Issue 12's question: one λ controller per layer (equal sparsity in every layer) against the global
     one."""
-    df = _with_pairs(df)
+    df = with_pairs(df)
     remoe = df[df["model"] == "remoe"]
     if "lambda_per_layer" not in remoe or not len(remoe):
         return []
@@ -166,7 +133,7 @@ def _per_layer_lambda(df: pd.DataFrame) -> list[str]:
     per, glob_ = remoe[knobs & (remoe["lambda_per_layer"] == True)], _e8(df, "remoe")  # noqa: E712
     if not (len(per) and len(glob_)):
         return []
-    v = compare(_by_seed(per), _by_seed(glob_))
+    v = compare(by_pair(per), by_pair(glob_))
     return [f"- Per-layer λ reaches a lower validation loss than the global λ (not a claim of the paper; "
             f"issue 12): {v} — per-layer {_ms(per['val_loss'])}, global {_ms(glob_['val_loss'])}."]
 
@@ -193,7 +160,7 @@ def at_a_glance(lines: list[str]) -> list[str]:
 def claims(df: pd.DataFrame, roots: list[str]) -> str:
     if df.empty:
         return ""
-    df = _with_pairs(df)  # the paired tests' key: (seed, CPU model, model/data code)
+    df = with_pairs(df)  # the paired tests' key: (seed, CPU model, model/data code)
     out = []
     out += _regime(df)
     for axis, what in (("experts", "every E"), ("granularity", "every G")):

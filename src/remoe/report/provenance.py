@@ -77,3 +77,15 @@ def pair_key(df: pd.DataFrame) -> pd.Series:
     code = code_classes(df["git_commit"]) if "git_commit" in df else "unknown"
     keys = pd.DataFrame({"seed": df["seed"], "cpu": cpu, "code": code}, index=df.index)
     return pd.Series(list(keys.itertuples(index=False, name=None)), index=df.index, dtype=object)
+
+
+def with_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """df with each run's pairing key as column "pair": computed over the whole frame, so that commits of
+    one model/data code share one class."""
+    return df if "pair" in df else df.assign(pair=pair_key(df))
+
+
+def by_pair(g: pd.DataFrame, col: str = "val_loss") -> pd.Series:
+    """A column indexed by each run's pairing key (g from with_pairs): the tests pair two runs only where
+    the whole key is equal."""
+    return pd.Series(g[col].to_numpy(), index=pd.Index(g["pair"], tupleize_cols=False))

@@ -117,6 +117,7 @@ class Comparison:
     sd: float | None = None  # paired: std of the differences; Welch: the larger side's std
     paired: bool = False
     note: str = ""  # why untestable (fewer than 2 seeds, no variance)
+    ci: tuple[float, float] | None = None  # the difference's two-sided (1 − P) confidence interval, same test
 
     @property
     def mde(self) -> float | None:
@@ -169,7 +170,8 @@ def t_test(a: pd.Series, b: pd.Series) -> Comparison:
     else:
         res = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
         test = f"Welch's t-test, n={len(a)} vs {len(b)}" + _why_unpaired(a.index, b.index)
-    return Comparison(diff, float(res.pvalue), test, len(a), len(b), sd, paired)
+    ci = res.confidence_interval(1 - P)
+    return Comparison(diff, float(res.pvalue), test, len(a), len(b), sd, paired, ci=(float(ci.low), float(ci.high)))
 
 
 def _why_unpaired(ia: pd.Index, ib: pd.Index) -> str:
