@@ -41,13 +41,14 @@ def test_choice_is_cached_per_machine_and_kept_on_resume(tmp_path, monkeypatch):
 
 def test_a_run_records_its_choice(train, tmp_path, monkeypatch):
     monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch's intra-op threads: they change a CPU run's numbers
     _, out = train("size.precision=auto", "logger=none", "eval=none", *FAST)
     [path] = list(Path(out).rglob("summary.json"))
     s = read_summary(path.parent)
     assert s["status"] == "completed" and s["precision"] in ("32-true", "bf16-mixed")
     c = s["precision_choice"]
     assert c["requested"] == "auto" and c["precision"] == s["precision"] and "bf16" in c["reason"]
-    assert set(s["cpu"]["flags"]) <= set(precision.FLAGS)
+    assert set(s["cpu"]["flags"]) <= set(precision.FLAGS) and s["cpu"]["threads"] == 1
     resolved = (path.parent / "config_resolved.yaml").read_text()
     assert f"precision: {s['precision']}" in resolved and "precision: auto" in resolved  # size: auto
 

@@ -263,13 +263,16 @@ def test_holm_adjusts_within_a_claims_family_and_the_verdict_uses_it(tmp_path):
 
 
 def test_runs_are_paired_only_on_the_same_seed_cpu_and_model_code(tmp_path):
-    """A machine moves a routed run by about one seed's spread: the same seed on another CPU, or another
-    model code, is not a pair (Welch's test, said so); same seed, CPU and model code (commits that differ
-    only outside src/remoe/model and src/remoe/data count as one code) is."""
+    """A machine moves a routed run by about one seed's spread: the same seed on another CPU (or another
+    torch thread count, where recorded: issue 40), or another model code, is not a pair (Welch's test, said
+    so); same seed, CPU and model code (commits that differ only outside src/remoe/model and src/remoe/data
+    count as one code) is."""
     same = ("4e9e3759886b583316ccc1a2dcc794515324de08", "13636db350c98bf0cbb47245b30248c884ffa1cb")  # reports only
     other = "897bd36d7519de7cad73ffabe5cb5bba90ef0a8d"  # before the λ floor: model code differs
-    cpu = lambda m: {"model": m, "flags": []}  # noqa: E731
+    cpu = lambda m, **kw: {"model": m, "flags": [], **kw}  # noqa: E731
     cases = {"paired": [(cpu("A"), same[0], cpu("A"), same[1])] * 3,
+             "threads": [(cpu("A", threads=2), same[0], cpu("A", threads=2), same[0])] * 2
+             + [(cpu("A", threads=2), same[0], cpu("A", threads=1), same[0])],
              "cpu": [(cpu("A"), same[0], cpu("A"), same[0])] * 2 + [(cpu("A"), same[0], cpu("B"), same[0])],
              "code": [(cpu("A"), same[0], cpu("A"), other)] * 3}
     for name, rows in cases.items():
@@ -281,7 +284,7 @@ def test_runs_are_paired_only_on_the_same_seed_cpu_and_model_code(tmp_path):
         if name == "paired":
             assert "paired t-test over 3 shared seeds" in lines[0], lines[0]
         else:
-            assert "Welch's t-test, n=3 vs 3 (not paired: a seed's runs trained on different CPUs or model/data " \
+            assert "Welch's t-test, n=3 vs 3 (not paired: a seed's runs trained on different CPUs, thread counts or model/data " \
                    "code)" in lines[0], lines[0]
 
 

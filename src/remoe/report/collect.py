@@ -38,12 +38,16 @@ def run_dirs(roots: list[str]) -> list[str]:
 
 def _flatten(summary: dict) -> dict:
     """One frame row: scalars as they are, a list of scalars (collapsed_layers, layer_sparsity) as text,
-    downstream metrics as ds:<task>:<metric> columns, the CPU's model name as cpu_model."""
+    downstream metrics as ds:<task>:<metric> columns, the CPU's model name (and the run's torch threads, where
+    recorded) as cpu_model."""
     row = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     row.update({k: " ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v)
                 for k, v in summary.items()
                 if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v)})
-    row["cpu_model"] = (summary.get("cpu") or {}).get("model")  # the machine: its float kernels (provenance)
+    cpu = summary.get("cpu") or {}
+    row["cpu_model"] = cpu.get("model")  # the machine: its float kernels (provenance, pairing)
+    if isinstance(threads := cpu.get("threads"), int) and row["cpu_model"] is not None:  # recorded since issue 40
+        row["cpu_model"] = f"{row['cpu_model']}, {threads} thread{'s' if threads != 1 else ''}"
     for task, metrics in (summary.get("downstream") or {}).items():
         for metric, value in metrics.items():
             row[f"ds:{task}:{metric}"] = value

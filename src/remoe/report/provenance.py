@@ -49,7 +49,7 @@ def provenance(df, runs: list[str]) -> str:
                "same-seed runs are not known to have seen the same batches")
     cpus = [c if isinstance(c, str) else None for c in sel["cpu_model"]]
     machines = ", ".join(f"{m or 'unknown'} ({cpus.count(m)})" for m in sorted(set(cpus), key=str))
-    mixed = (" **Trained on different CPUs: their float kernels round differently, and a routed model's run "
+    mixed = (" **Trained on different CPUs (or thread counts): their float kernels round differently, and a routed model's run "
              "takes another path at the same seed (docs/reproducibility.md).**" if len(set(cpus)) > 1 else "")
     return f"Runs: {len(sel)}, trained at commit(s) {names} on {machines}; {note}; {batches}.{mixed}"
 

@@ -25,8 +25,9 @@ RULES = f"""**How verdicts are decided.** A comparison "A is lower than B" (vali
 t-test finds the difference at p < {P} (two-sided) in the claimed direction, *does not hold* when it finds
 it at p < {P} in the opposite direction, and is *inconclusive* otherwise — also whenever a side has fewer
 than 2 seeds. **Pairs are really paired:** the test is paired (scipy `ttest_rel`) only when both sides ran
-the same (seed, CPU model, model/data code) triples — the same seed gives the same batches, and a routed run
-moves by about one seed's spread between CPUs (`reports/machine_check/`) — else Welch's (`ttest_ind`, unequal
+the same (seed, CPU model, model/data code) triples — the CPU model with its torch thread count where the
+record has it; the same seed gives the same batches, and a routed run moves by about one seed's spread
+between CPUs (`reports/machine_check/`) — else Welch's (`ttest_ind`, unequal
 variances); each line says which, and why not paired. **Several tests, one claim:** a claim made for every
 point of an axis ("at every E") is a family of tests; p-values are Holm-adjusted within it (both raw and
 adjusted p are shown) and each point's verdict uses the adjusted p. **What a test could see:** every
@@ -177,7 +178,7 @@ def t_test(a: pd.Series, b: pd.Series) -> Comparison:
 def _why_unpaired(ia: pd.Index, ib: pd.Index) -> str:
     seeds = lambda ix: {k[0] if isinstance(k, tuple) else k for k in ix}  # noqa: E731
     if seeds(ia) == seeds(ib) and len(seeds(ia)) == len(ia):
-        return " (not paired: a seed's runs trained on different CPUs or model/data code)"
+        return " (not paired: a seed's runs trained on different CPUs, thread counts or model/data code)"
     return ""
 
 

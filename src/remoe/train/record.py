@@ -130,7 +130,7 @@ class RunSummary:
     load_balanced: bool | None = None
     precision: str | None = _f(identity=True)  # trainer.precision as trained (auto resolved)
     precision_choice: dict | None = None  # how it was chosen: requested, reason, timings (remoe.train.precision)
-    cpu: dict | None = None  # CPU model and the flags that decide bf16 speed
+    cpu: dict | None = None  # CPU model, the flags that decide bf16 speed, torch's intra-op threads
     corpus: str | None = _f(identity=True)  # fingerprint of the training corpus
     seq_len: int | None = None  # tokens per sequence (each holds seq_len + 1: inputs and targets)
     train_sequences: int | None = None  # the corpus's training sequences (a pass = this many / global batch)

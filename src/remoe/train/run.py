@@ -326,7 +326,8 @@ def begin(cfg: DictConfig, run_dir: str, spec: RunSpec, resume: Resume) -> Attem
     completed_before = before.get("status") == "completed"
     requested = str(cfg.trainer.precision)
     choice = resolve_precision(cfg, spec.model, previous=before.get("precision") if resume.path else None)
-    cpu = choice.pop("cpu")
+    # the intra-op threads too: a CPU run's numbers at a seed depend on them (reductions split another way)
+    cpu = {**choice.pop("cpu"), "threads": torch.get_num_threads()}
     if rank_zero_only.rank == 0:  # what this run needs per GPU
         the_plan = plan.plan_for(cfg, spec.model)
         write_json_atomic(os.path.join(run_dir, "plan.json"), the_plan)
