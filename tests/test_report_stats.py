@@ -378,3 +378,17 @@ def test_the_gap_table_and_figure_are_the_claims_tests(tmp_path):
     assert gap_plot(df, "experts", str(tmp_path / "fig")).endswith("fig_gap_experts.png")
     assert gap_table(df[df["experts"] == 8], "experts") is None  # one point: no family, no curve
     assert gap_plot(df[df["experts"] == 8], "experts", str(tmp_path / "fig")) is None
+
+
+def test_a_claim_with_nothing_tested_is_not_stated(tmp_path):
+    """Issue 40's regime stage has TopK and dense runs only: no ReMoE − TopK verdict is stated (not even
+    'inconclusive') until some setting has both methods; then the E claim appears, the G claim does not."""
+    for seed in (1, 2, 3):
+        record(tmp_path, f"t{seed}", "topk", seed, 4.17 + seed / 100)
+        record(tmp_path, f"d{seed}", "dense", seed, 4.21 + seed / 100, experts=None, topk=None, granularity=None)
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
+    assert "ReMoE reaches a lower validation loss" not in text
+    for seed in (1, 2, 3):
+        record(tmp_path, f"r{seed}", "remoe", seed, 4.16 + seed / 100)
+    text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
+    assert "than TopK at every E" in text and "than TopK at every G" in text  # E=8 is G=1: both axes

@@ -165,8 +165,9 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
     out += _regime(df)
     for axis, what in (("experts", "every E"), ("granularity", "every G")):
         verdict, lines, _ = _remoe_vs_topk(df, axis)
-        out += [f"- ReMoE reaches a lower validation loss than TopK at {what}: {verdict}."]
-        out += [f"  - {x}" for x in lines]
+        if lines:  # no setting of the axis ran both methods: nothing was tested, no verdict to state
+            out += [f"- ReMoE reaches a lower validation loss than TopK at {what}: {verdict}."]
+            out += [f"  - {x}" for x in lines]
     _, _, gaps = _remoe_vs_topk(df, "experts")
     if len(gaps) >= 2:
         es = sorted(gaps)
