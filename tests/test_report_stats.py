@@ -392,3 +392,14 @@ def test_a_claim_with_nothing_tested_is_not_stated(tmp_path):
         record(tmp_path, f"r{seed}", "remoe", seed, 4.16 + seed / 100)
     text = claims(collect([str(tmp_path)]).runs, [str(tmp_path)])
     assert "than TopK at every E" in text and "than TopK at every G" in text  # E=8 is G=1: both axes
+
+
+def test_the_index_opens_with_the_findings(tmp_path):
+    """Issue 40: a report's first lines are its notes (what holds, what does not), before how the page is made
+    and the rules."""
+    for seed in (1, 2):
+        record(tmp_path / "runs", f"t{seed}", "topk", seed, 4.1 + seed / 100)
+    build_report([str(tmp_path / "runs")], str(tmp_path / "rep"), notes="**In plain words.** Nothing holds yet.\n")
+    lines = (tmp_path / "rep" / "README.md").read_text().splitlines()
+    assert lines[:3] == ["# Report", "", "**In plain words.** Nothing holds yet."]
+    assert lines.index("## How this page is made") < next(i for i, x in enumerate(lines) if "How verdicts" in x)
