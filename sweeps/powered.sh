@@ -15,7 +15,7 @@
 #   e32         10  TopK, ReMoE x E=32 x seeds 1-5                                                 ~1.8 h
 #   records      -  copy the compact records to reports/powered/runs/, then the report into reports/powered/
 #                   (run this stage from a checkout of the current code: the report is the current report.py's)
-# If the regime check fails, stop after `regime` and record it (README).
+# If the regime check fails, stop after `regime` and record it (reports/powered/notes.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export REMOE_OUTPUT="${REMOE_OUTPUT:-outputs}"

@@ -45,7 +45,7 @@ CAPTIONS = {  # what a table's columns mean, where the title does not say it
                     "training loss of the pass's last 50 steps (`pass_steps`: optimizer steps per pass). Pass 1 "
                     "sees no text twice, so its gap is the split's own train/validation difference; what it "
                     "grows by after pass 1 is memorisation of text seen before. Shown whenever runs repeat data.",
-    **{f"gap_{axis}": f"One row per {axis[0].upper()} with both methods (k=1, standard knobs): `n` pairs (paired "
+    **{f"gap_{axis}": f"One row per {symbol} with both methods (k=1, standard knobs): `n` pairs (paired "
                       "t-test, same seed, CPU model and model/data code) or `a vs b` runs (Welch's); `topk`, "
                       "`remoe` mean validation loss; `remoe − topk` their difference (below 0: ReMoE lower) with "
                       "its 95% confidence interval from the same test (one comparison's, not widened for the "
@@ -53,7 +53,7 @@ CAPTIONS = {  # what a table's columns mean, where the title does not say it
                       "`p (Holm)` adjusted within the family of this table's rows; `MDE (80%)` the |difference| "
                       "the test would detect with 80% power; `paper` the paper's ReMoE − TopK there; `verdict` "
                       "the claim's at that point (the rules above). The paper's rows: one run each, no interval."
-       for axis in ("experts", "granularity")},
+       for axis, symbol in gaps.AXES.items()},
 }
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..train.optim import RECIPE
 from .collect import inactive_cells, routing_share, short_path
-from .gaps import remoe_vs_topk
+from .gaps import one_per_value, remoe_vs_topk
 from .provenance import by_pair, with_pairs
 from .stats import Verdict, all_of, clear_gap, compare, family, t_test, trend
 from .tables import LB_KNOBS, _standard, at_standard, identity_keys, load_balanced, off_recipe, paper_point, variant
@@ -32,13 +32,10 @@ def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dic
     Holm-adjusted); each line names its test, raw and adjusted p, the MDE and the seeds the paper's effect
     at that point would need. gaps: TopK − ReMoE per axis value that has one setting (the trend's points)."""
     found = remoe_vs_topk(df, axis)
+    gap = lambda g: g.topk["val_loss"].mean() - g.remoe["val_loss"].mean()  # noqa: E731
     lines = [f"{g.setting}: topk {_ms(g.topk['val_loss'])}, remoe {_ms(g.remoe['val_loss'])}, topk − remoe = "
-             f"{g.topk['val_loss'].mean() - g.remoe['val_loss'].mean():+.4f}: {g.verdict}" for g in found]
-    by_value = {}
-    for g in found:
-        by_value.setdefault(g.value, []).append(g.topk["val_loss"].mean() - g.remoe["val_loss"].mean())
-    gaps = {v: x[0] for v, x in by_value.items() if len(x) == 1}  # a trend over one setting per axis value
-    return all_of([g.verdict for g in found], "settings"), lines, gaps
+             f"{gap(g):+.4f}: {g.verdict}" for g in found]
+    return all_of([g.verdict for g in found], "settings"), lines, {g.value: gap(g) for g in one_per_value(found)}
 
 
 def inactive_experts(run_dir: str) -> int | None:
@@ -163,12 +160,13 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
     df = with_pairs(df)  # the paired tests' key: (seed, CPU model, model/data code)
     out = []
     out += _regime(df)
+    gaps = {}
     for axis, what in (("experts", "every E"), ("granularity", "every G")):
-        verdict, lines, _ = _remoe_vs_topk(df, axis)
+        verdict, lines, gaps[axis] = _remoe_vs_topk(df, axis)
         if lines:  # no setting of the axis ran both methods: nothing was tested, no verdict to state
             out += [f"- ReMoE reaches a lower validation loss than TopK at {what}: {verdict}."]
             out += [f"  - {x}" for x in lines]
-    _, _, gaps = _remoe_vs_topk(df, "experts")
+    gaps = gaps["experts"]
     if len(gaps) >= 2:
         es = sorted(gaps)
         out += [f"- The ReMoE advantage grows with E (paper: +0.010 at E=4 to +0.037 at E=128): "

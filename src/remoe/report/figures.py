@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..model.stats import expert_share
-from . import paper
 from .collect import inactive_cells, read_analysis, read_jsonl, read_metrics, routing_share
-from .gaps import AXES, paper_gap, remoe_vs_topk
+from .gaps import AXES, PAPER_VAL, one_per_value, paper_gap, remoe_vs_topk
 from .stats import P
 from .tables import scaling_moe
 
@@ -75,11 +74,9 @@ def gap_plot(df: pd.DataFrame, axis: str, out_dir: str) -> str | None:
     """ReMoE − TopK validation loss against E or G (gaps.remoe_vs_topk, the claims' tests): the mean
     difference with its confidence interval (paired where the runs pair), next to the paper's difference at
     each point (182M, 30B tokens; one run each). Points whose axis value has several settings are not drawn."""
-    found = remoe_vs_topk(df, axis)
-    values = [v for v in {g.value for g in found} if sum(g.value == v for g in found) == 1]
-    if len(values) < 2:
+    ours = one_per_value(remoe_vs_topk(df, axis))
+    if len(ours) < 2:
         return None
-    ours = sorted((g for g in found if g.value in values), key=lambda g: g.value)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = np.array([g.value for g in ours], dtype=float)
     y = np.array([g.test.diff for g in ours])
@@ -88,8 +85,7 @@ def gap_plot(df: pd.DataFrame, axis: str, out_dir: str) -> str | None:
     n = sorted({g.test.n for g in ours})
     ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color="black",
                 label=f"ours: mean, {1 - P:.0%} CI ({'–'.join(map(str, (n[0], n[-1]) if len(n) > 1 else n))} seeds)")
-    ref = {"experts": paper.VAL_E, "granularity": paper.VAL_G}[axis]["topk"]
-    px = sorted(ref)
+    px = sorted(PAPER_VAL[axis]["topk"])
     ax.plot(px, [paper_gap(axis, v) for v in px], marker="s", ls="--", color="tab:green",
             label="paper (182M, 30B tokens)")
     ax.axhline(0.0, color="tab:gray", lw=0.8)
@@ -97,8 +93,7 @@ def gap_plot(df: pd.DataFrame, axis: str, out_dir: str) -> str | None:
     ticks = sorted(set(px) | set(x.tolist()))
     ax.set_xticks(ticks, [f"{v:.0f}" for v in ticks])
     ax.minorticks_off()
-    name = {"experts": "experts E", "granularity": "granularity G"}[axis]
-    ax.set_xlabel(name)
+    ax.set_xlabel(f"{axis} {AXES[axis]}")
     ax.set_ylabel("ReMoE − TopK validation loss")
     ax.set_title(f"ReMoE − TopK against {AXES[axis]} (below 0: ReMoE lower), k=1, standard knobs", fontsize=8)
     legend_beside(ax, fontsize=7)

@@ -14,6 +14,7 @@ from .stats import POWER, Comparison, P, Verdict, family, holm, t_test
 from .tables import _ours, _standard, identity_keys
 
 AXES = {"experts": "E", "granularity": "G"}
+PAPER_VAL = {"experts": paper.VAL_E, "granularity": paper.VAL_G}  # the paper's val loss per method, per point
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Gap:
 
 def paper_gap(axis: str, value) -> float | None:
     """The paper's ReMoE − TopK validation loss at this point of the E or G axis (182M, 30B tokens)."""
-    table = {"experts": paper.VAL_E, "granularity": paper.VAL_G}[axis]
+    table = PAPER_VAL[axis]
     try:
         return table["remoe"][int(value)] - table["topk"][int(value)]
     except (KeyError, TypeError, ValueError):
@@ -62,6 +63,13 @@ def remoe_vs_topk(df: pd.DataFrame, axis: str) -> list[Gap]:
     verdicts = family(tests, [e for *_, e in rows])
     adjusted = holm([c.p for c in tests])
     return [Gap(v, s, t, r, c, e, p, verdict) for (v, s, t, r, c, e), p, verdict in zip(rows, adjusted, verdicts)]
+
+
+def one_per_value(found: list[Gap]) -> list[Gap]:
+    """The gaps whose axis value has no other setting, in axis order: the points of a curve or a trend (two
+    settings at one value would be two y for one x)."""
+    values = [g.value for g in found]
+    return sorted((g for g in found if values.count(g.value) == 1), key=lambda g: g.value)
 
 
 def _num(v, digits: int = 4, sign: bool = True) -> str:
@@ -95,7 +103,7 @@ def gap_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
     out = pd.DataFrame(rows)
     if (out["setting"] == [f"{axis}={g.value:g}" for g in gaps]).all():
         out = out.drop(columns="setting")  # nothing but the axis value varies
-    table = {"experts": paper.VAL_E, "granularity": paper.VAL_G}[axis]
+    table = PAPER_VAL[axis]
     ref = [{"source": paper.SETTING, AXES[axis]: f"{v:g}", "n": "1", "topk": f"{table['topk'][v]:.3f}",
             "remoe": f"{table['remoe'][v]:.3f}", "remoe − topk": _num(paper_gap(axis, v), 3)}
            for v in sorted(table["topk"])]
