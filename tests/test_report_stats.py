@@ -286,6 +286,12 @@ def test_runs_are_paired_only_on_the_same_seed_cpu_and_model_code(tmp_path):
         else:
             assert "Welch's t-test, n=3 vs 3 (not paired: a seed's runs trained on different CPUs, thread counts or model/data " \
                    "code)" in lines[0], lines[0]
+    # part of a study done: the sides' seeds differ, and the line says so (the powered study mid-stage)
+    a = pd.Series([3.41, 3.42, 3.43], index=[1, 2, 3])
+    b = pd.Series([3.40, 3.45, 3.41, 3.44, 3.42], index=[1, 2, 3, 4, 5])
+    assert compare(a, b).why.count("Welch's t-test, n=3 vs 5 (not paired: the sides ran different seeds)") == 1
+    two = pd.Series([3.41, 3.44, 3.42], index=[1, 1, 2])
+    assert "(not paired: a side holds several runs of one seed)" in compare(two, b.loc[[1, 2]]).why
 
 
 def test_paper_rows_carry_their_own_budget_and_the_index_says_what_a_shared_recipe_changes(tmp_path):

@@ -177,9 +177,11 @@ def t_test(a: pd.Series, b: pd.Series) -> Comparison:
 
 def _why_unpaired(ia: pd.Index, ib: pd.Index) -> str:
     seeds = lambda ix: {k[0] if isinstance(k, tuple) else k for k in ix}  # noqa: E731
-    if seeds(ia) == seeds(ib) and len(seeds(ia)) == len(ia):
+    if seeds(ia) != seeds(ib):
+        return " (not paired: the sides ran different seeds)"
+    if len(seeds(ia)) == len(ia) and len(seeds(ib)) == len(ib):
         return " (not paired: a seed's runs trained on different CPUs, thread counts or model/data code)"
-    return ""
+    return " (not paired: a side holds several runs of one seed)"
 
 
 def compare(a: pd.Series, b: pd.Series, paper_effect: float | None = None) -> Verdict:
