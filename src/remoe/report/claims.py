@@ -160,13 +160,13 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
     df = with_pairs(df)  # the paired tests' key: (seed, CPU model, model/data code)
     out = []
     out += _regime(df)
-    gaps = {}
+    points = {}  # per axis: TopK − ReMoE at each value with one setting (the trend's points)
     for axis, what in (("experts", "every E"), ("granularity", "every G")):
-        verdict, lines, gaps[axis] = _remoe_vs_topk(df, axis)
+        verdict, lines, points[axis] = _remoe_vs_topk(df, axis)
         if lines:  # no setting of the axis ran both methods: nothing was tested, no verdict to state
             out += [f"- ReMoE reaches a lower validation loss than TopK at {what}: {verdict}."]
             out += [f"  - {x}" for x in lines]
-    gaps = gaps["experts"]
+    gaps = points["experts"]
     if len(gaps) >= 2:
         es = sorted(gaps)
         out += [f"- The ReMoE advantage grows with E (paper: +0.010 at E=4 to +0.037 at E=128): "
