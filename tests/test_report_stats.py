@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from remoe.report.build import build_report
-from remoe.report.claims import _remoe_vs_topk, claims, inactive_experts
-from remoe.report.collect import collect
+from remoe.report.claims import _remoe_vs_topk, claims
+from remoe.report.collect import collect, inactive_experts
 from remoe.report.stats import compare, trend
 from remoe.report.tables import sensitivity
 from remoe.train.record import RunSummary
@@ -384,6 +384,41 @@ def test_the_gap_table_and_figure_are_the_claims_tests(tmp_path):
     assert gap_plot(df, "experts", str(tmp_path / "fig")).endswith("fig_gap_experts.png")
     assert gap_table(df[df["experts"] == 8], "experts") is None  # one point: no family, no curve
     assert gap_plot(df[df["experts"] == 8], "experts", str(tmp_path / "fig")) is None
+
+
+def test_the_pair_table_lists_each_paired_tests_differences_and_routing(tmp_path):
+    """Issue 40: the seed-by-seed table under the gap table is made of the paired tests' own pairs (their mean
+    is the table's ReMoE − TopK), with each ReMoE run's experts per token per layer and inactive cells over
+    the second half of training; an unpaired setting (other seeds) is left out, and no pair, no table."""
+    from remoe.report.gaps import gap_table, pair_table
+    vals = {8: [(4.60, 4.50), (4.62, 4.51), (4.61, 4.52)], 32: [(4.40, 4.41), (4.45, 4.42), (4.41, 4.44)]}
+    for e, pairs in vals.items():
+        for seed, (t, r) in enumerate(pairs, start=1):
+            record(tmp_path, f"t{e}_{seed}", "topk", seed, t, experts=e)
+            d = record(tmp_path, f"r{e}_{seed}", "remoe", seed, r, experts=e)
+            n = 1000 * e  # routed (token, expert) pairs: layer 0 spread evenly, layer 1 on 2 experts only
+            early = {"step": 0, "tokens": [1000, 1000], "counts": [[n // e] * e, [n // e] * e]}
+            late = {"step": 10, "tokens": [1024, 1024], "counts": [[3 * seed * 1024 // e] * e,
+                                                                    [512, 512] + [0] * (e - 2)]}
+            (d / "routing.jsonl").write_text("\n".join(json.dumps(x) for x in (early, late)) + "\n")
+    for seed in (4, 5):  # E=16: TopK and ReMoE at different seeds, so Welch's: not a pair
+        record(tmp_path, f"t16_{seed}", "topk", seed, 4.5 + seed / 100, experts=16)
+        record(tmp_path, f"r16_{seed + 2}", "remoe", seed + 2, 4.4 + seed / 50, experts=16)
+    df = collect([str(tmp_path)]).runs
+    table = pair_table(df, "experts")
+    assert list(table.columns) == ["E", "seed", "topk", "remoe", "remoe − topk", "remoe experts/token by layer",
+                                   "remoe inactive cells"]
+    assert list(zip(table["E"], table["seed"])) == [(e, s) for e in ("8", "32") for s in ("1", "2", "3")]
+    row = table.iloc[4]  # E=32, seed 2: the second half is the late record alone
+    assert (row["topk"], row["remoe"], row["remoe − topk"]) == ("4.4500", "4.4200", "-0.0300")
+    assert row["remoe experts/token by layer"] == "6.00 · 1.00" and row["remoe inactive cells"] == "30 of 64"
+    gap = gap_table(df, "experts")
+    gap = gap[gap["source"].str.startswith("ours")].set_index("E")
+    for e in ("8", "32"):
+        mean = sum(float(x) for x in table[table["E"] == e]["remoe − topk"]) / 3
+        assert f"{mean:+.4f}" == gap.loc[e, "remoe − topk"]  # the test's pairs, nothing else
+    assert "16" not in set(table["E"]) and gap.loc["16", "test"] == "Welch"
+    assert pair_table(df[df["experts"] == 16], "experts") is None
 
 
 def test_a_claim_with_nothing_tested_is_not_stated(tmp_path):

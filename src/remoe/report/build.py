@@ -30,6 +30,8 @@ TITLES = {
     "scaling_granularity": "Scaling in granularity G",
     "gap_experts": "ReMoE − TopK against E: the claim's tests, with confidence intervals",
     "gap_granularity": "ReMoE − TopK against G: the claim's tests, with confidence intervals",
+    "pairs_experts": "ReMoE − TopK against E, pair by pair (same seed, same batches)",
+    "pairs_granularity": "ReMoE − TopK against G, pair by pair (same seed, same batches)",
     "lb_ablation": "Load-balancing ablation",
     "sensitivity_lambda0": "Sensitivity to λ0 (α = 1.2)",
     "sensitivity_alpha": "Sensitivity to α (λ0 = 1e-8)",
@@ -54,6 +56,15 @@ CAPTIONS = {  # what a table's columns mean, where the title does not say it
                       "the test would detect with 80% power; `paper` the paper's ReMoE − TopK there; `verdict` "
                       "the claim's at that point (the rules above). The paper's rows: one run each, no interval."
        for axis, symbol in gaps.AXES.items()},
+    **{f"pairs_{axis}": f"One row per same-seed pair behind the paired ReMoE − TopK tests (the claim's; the "
+                        f"`gap_{axis}` table's where it is made; seed, CPU model and model/data code equal): "
+                        "`topk`, `remoe` the pair's validation losses, `remoe − topk` their difference (the "
+                        "test's mean, sd and interval are made of these); from the ReMoE run's routing records "
+                        "over the second half of training, `remoe experts/token by layer` (TopK routes exactly "
+                        "k·G = G in every layer; ReMoE's one λ holds only their total near k·G) and `remoe "
+                        "inactive cells`, its (layer, expert) cells whose share of the layer's routed tokens is "
+                        "below 1/(8·E·G), of all its cells. Descriptive: no test is made per pair."
+       for axis in gaps.AXES},
 }
 
 
@@ -176,6 +187,8 @@ def _build(col, roots: list[str], out_dir: str, bench_globs, notes) -> dict:
             "scaling_granularity": lambda: tables.scaling(df, "granularity"),
             "gap_experts": lambda: gaps.gap_table(df, "experts"),
             "gap_granularity": lambda: gaps.gap_table(df, "granularity"),
+            "pairs_experts": lambda: gaps.pair_table(df, "experts"),
+            "pairs_granularity": lambda: gaps.pair_table(df, "granularity"),
             "lb_ablation": lambda: tables.lb_ablation(df),
             "sensitivity_lambda0": lambda: tables.sensitivity(df, "lambda0"),
             "sensitivity_alpha": lambda: tables.sensitivity(df, "alpha"),

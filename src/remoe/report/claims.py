@@ -9,7 +9,7 @@ import re
 import pandas as pd
 
 from ..train.optim import RECIPE
-from .collect import inactive_cells, routing_share, short_path
+from .collect import inactive_experts, short_path
 from .gaps import one_per_value, remoe_vs_topk
 from .provenance import by_pair, with_pairs
 from .stats import Verdict, all_of, clear_gap, compare, family, t_test, trend
@@ -36,11 +36,6 @@ def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dic
     lines = [f"{g.setting}: topk {_ms(g.topk['val_loss'])}, remoe {_ms(g.remoe['val_loss'])}, topk − remoe = "
              f"{gap(g):+.4f}: {g.verdict}" for g in found]
     return all_of([g.verdict for g in found], "settings"), lines, {g.value: gap(g) for g in one_per_value(found)}
-
-
-def inactive_experts(run_dir: str) -> int | None:
-    share = routing_share(run_dir)
-    return None if share is None else int(inactive_cells(share).sum())
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:

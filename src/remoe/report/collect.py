@@ -199,6 +199,22 @@ def inactive_cells(share) -> np.ndarray:
     return share < inactive_threshold(share.shape[-1])
 
 
+def inactive_experts(run_dir: str) -> int | None:
+    """How many (layer, expert) cells of the run are inactive over the second half of training, or None."""
+    share = routing_share(run_dir)
+    return None if share is None else int(inactive_cells(share).sum())
+
+
+def experts_per_token(run_dir: str) -> np.ndarray | None:
+    """The experts each token was routed to, per layer, over the second half of training (routing.jsonl;
+    the window of routing_share), or None when the run logged none."""
+    recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
+    if not recs:
+        return None
+    half = recs[len(recs) // 2 :]
+    return np.sum([r["counts"] for r in half], axis=0).sum(-1) / np.sum([r["tokens"] for r in half], axis=0)
+
+
 def read_analysis(run_dir: str) -> dict | None:
     """The run's routing_analysis.json (written at the end of training), or None."""
     p = record_file(run_dir, "routing_analysis.json")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from . import paper
+from .collect import experts_per_token, inactive_cells, routing_share
 from .provenance import by_pair, with_pairs
 from .stats import POWER, Comparison, P, Verdict, family, holm, t_test
 from .tables import _ours, _standard, identity_keys
@@ -109,4 +110,33 @@ def gap_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
            for v in sorted(table["topk"])]
     out = pd.concat([out, pd.DataFrame(ref)], ignore_index=True).fillna("–")
     out.attrs["runs"] = sorted(runs["run_dir"]) if "run_dir" in runs else []
+    return out
+
+
+def pair_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
+    """The paired tests of remoe_vs_topk seed by seed: each pair's validation losses and ReMoE − TopK (the
+    differences the test's mean, sd and interval are made of), with what the ReMoE run's routing records
+    show over the second half of training — experts per token in each layer (TopK routes exactly k in
+    every layer) and its inactive (layer, expert) cells. None when no setting on the axis pairs."""
+    rows, runs = [], []
+    for g in remoe_vs_topk(df, axis):
+        if not g.test.paired:
+            continue
+        topk = dict(zip(g.topk["pair"], g.topk["val_loss"]))
+        for _, r in g.remoe.sort_values("seed", kind="mergesort").iterrows():
+            per_token, share = experts_per_token(r["run_dir"]), routing_share(r["run_dir"])
+            rows.append({AXES[axis]: f"{g.value:g}", "setting": g.setting, "seed": f"{r['seed']:g}",
+                         "topk": _num(topk[r["pair"]], sign=False), "remoe": _num(r["val_loss"], sign=False),
+                         "remoe − topk": _num(r["val_loss"] - topk[r["pair"]]),
+                         "remoe experts/token by layer": "–" if per_token is None else
+                         " · ".join(f"{x:.2f}" for x in per_token),
+                         "remoe inactive cells": "–" if share is None else
+                         f"{int(inactive_cells(share).sum())} of {share.size}"})
+        runs += list(g.topk["run_dir"]) + list(g.remoe["run_dir"])
+    if not rows:
+        return None
+    out = pd.DataFrame(rows)
+    if (out["setting"] == [f"{axis}={v}" for v in out[AXES[axis]]]).all():
+        out = out.drop(columns="setting")  # nothing but the axis value varies
+    out.attrs["runs"] = sorted(runs)
     return out
