@@ -116,7 +116,7 @@ def gap_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
 def pair_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
     """The paired tests of remoe_vs_topk seed by seed: each pair's validation losses and ReMoE − TopK (the
     differences the test's mean, sd and interval are made of), with what the ReMoE run's routing records
-    show over the second half of training — experts per token in each layer (TopK routes exactly k in
+    show over the second half of training — experts per token in each layer (TopK routes exactly k·G in
     every layer) and its inactive (layer, expert) cells. None when no setting on the axis pairs."""
     rows, runs = [], []
     for g in remoe_vs_topk(df, axis):
