@@ -185,13 +185,22 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def routing_share(run_dir: str):
-    """(layers, experts) share of each layer's routed tokens per expert over the second half of training
-    (routing.jsonl), or None when the run logged none."""
+def second_half_routing(run_dir: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's routing.jsonl summed over the second half of training — (counts (L, E), tokens (L,)), the
+    window every routing summary of the report reads (remoe.model.stats turns them into shares, experts per
+    token, ...) — or None when the run logged none."""
     recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
     if not recs:
         return None
-    return expert_share(np.sum([r["counts"] for r in recs[len(recs) // 2 :]], axis=0))
+    half = recs[len(recs) // 2 :]
+    return np.sum([r["counts"] for r in half], axis=0), np.sum([r["tokens"] for r in half], axis=0)
+
+
+def routing_share(run_dir: str):
+    """(layers, experts) share of each layer's routed tokens per expert over the second half of training
+    (second_half_routing), or None when the run logged none."""
+    found = second_half_routing(run_dir)
+    return None if found is None else expert_share(found[0])
 
 
 def inactive_cells(share) -> np.ndarray:
@@ -203,16 +212,6 @@ def inactive_experts(run_dir: str) -> int | None:
     """How many (layer, expert) cells of the run are inactive over the second half of training, or None."""
     share = routing_share(run_dir)
     return None if share is None else int(inactive_cells(share).sum())
-
-
-def experts_per_token(run_dir: str) -> np.ndarray | None:
-    """The experts each token was routed to, per layer, over the second half of training (routing.jsonl;
-    the window of routing_share), or None when the run logged none."""
-    recs = read_jsonl(os.path.join(run_dir, "routing.jsonl"))
-    if not recs:
-        return None
-    half = recs[len(recs) // 2 :]
-    return np.sum([r["counts"] for r in half], axis=0).sum(-1) / np.sum([r["tokens"] for r in half], axis=0)
 
 
 def read_analysis(run_dir: str) -> dict | None:

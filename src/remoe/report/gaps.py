@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..model.stats import expert_share, experts_per_token
 from . import paper
-from .collect import experts_per_token, inactive_cells, routing_share
+from .collect import inactive_cells, second_half_routing
 from .provenance import by_pair, with_pairs
 from .stats import POWER, Comparison, P, Verdict, family, holm, t_test
 from .tables import _ours, _standard, identity_keys
@@ -77,6 +78,13 @@ def _num(v, digits: int = 4, sign: bool = True) -> str:
     return "–" if v is None or v != v else f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
 
 
+def _without_lone_setting(out: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """`out` without its setting column when each row's setting names nothing but its axis value."""
+    if (out["setting"] == [f"{axis}={v}" for v in out[AXES[axis]]]).all():
+        return out.drop(columns="setting")
+    return out
+
+
 def gap_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
     """The family of remoe_vs_topk as a table: per setting the pairs (or runs) tested, each method's mean,
     ReMoE − TopK with its 95% confidence interval, the test, raw and Holm-adjusted p, the minimum
@@ -101,9 +109,7 @@ def gap_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
                      "p (Holm)": "–" if g.p_adjusted is None else f"{g.p_adjusted:.3g}",
                      f"MDE ({POWER:.0%})": _num(c.mde, sign=False),
                      "paper": _num(g.paper, 3), "verdict": g.verdict.word})
-    out = pd.DataFrame(rows)
-    if (out["setting"] == [f"{axis}={g.value:g}" for g in gaps]).all():
-        out = out.drop(columns="setting")  # nothing but the axis value varies
+    out = _without_lone_setting(pd.DataFrame(rows), axis)
     table = PAPER_VAL[axis]
     ref = [{"source": paper.SETTING, AXES[axis]: f"{v:g}", "n": "1", "topk": f"{table['topk'][v]:.3f}",
             "remoe": f"{table['remoe'][v]:.3f}", "remoe − topk": _num(paper_gap(axis, v), 3)}
@@ -124,7 +130,8 @@ def pair_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
             continue
         topk = dict(zip(g.topk["pair"], g.topk["val_loss"]))
         for _, r in g.remoe.sort_values("seed", kind="mergesort").iterrows():
-            per_token, share = experts_per_token(r["run_dir"]), routing_share(r["run_dir"])
+            routed = second_half_routing(r["run_dir"])  # (counts, tokens), read once for both columns
+            per_token, share = (None, None) if routed is None else (experts_per_token(*routed), expert_share(routed[0]))
             rows.append({AXES[axis]: f"{g.value:g}", "setting": g.setting, "seed": f"{r['seed']:g}",
                          "topk": _num(topk[r["pair"]], sign=False), "remoe": _num(r["val_loss"], sign=False),
                          "remoe − topk": _num(r["val_loss"] - topk[r["pair"]]),
@@ -135,8 +142,6 @@ def pair_table(df: pd.DataFrame, axis: str) -> pd.DataFrame | None:
         runs += list(g.topk["run_dir"]) + list(g.remoe["run_dir"])
     if not rows:
         return None
-    out = pd.DataFrame(rows)
-    if (out["setting"] == [f"{axis}={v}" for v in out[AXES[axis]]]).all():
-        out = out.drop(columns="setting")  # nothing but the axis value varies
+    out = _without_lone_setting(pd.DataFrame(rows), axis)
     out.attrs["runs"] = sorted(runs)
     return out
