@@ -3,13 +3,15 @@ verdicts account for seeds, trends need more than a sign, the inactive-expert th
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 from remoe.report.build import build_report
 from remoe.report.claims import _remoe_vs_topk, claims
 from remoe.report.collect import collect, inactive_experts
-from remoe.report.stats import compare, trend
+from remoe.report.stats import compare, slope_test, trend
 from remoe.report.tables import sensitivity
 from remoe.train.record import RunSummary
 
@@ -444,3 +446,28 @@ def test_the_index_opens_with_the_findings(tmp_path):
     lines = (tmp_path / "rep" / "README.md").read_text().splitlines()
     assert lines[:3] == ["# Report", "", "**In plain words.** Nothing holds yet."]
     assert lines.index("## How this page is made") < next(i for i, x in enumerate(lines) if "How verdicts" in x)
+
+
+def test_a_trend_of_means_over_seeds_holds_only_beyond_seed_noise():
+    """Three monotone means (ReMoE's gap at E = 32, 64, 128 in the powered study): the ranks alone would say
+    'holds'; with each point's standard error over its seeds the slope must clear noise too."""
+    x, y = [5.0, 6.0, 7.0], [-0.0285, -0.0120, -0.0032]
+    assert trend(x, y, +1).word == "holds"  # ranks only (one seed a point: the λ0 / α sweeps)
+    noisy = [(0.0435 / 5**0.5, 4), (0.0312 / 7**0.5, 6), (0.0191 / 7**0.5, 6)]
+    v = trend(x, y, +1, noisy)
+    assert v.word == "inconclusive" and "within noise" in v.why
+    tight = [(0.001, 6)] * 3
+    assert trend(x, y, +1, tight).word == "holds"
+    assert trend(x, y[::-1], +1, tight).word == "does not hold"
+    assert trend(x, y, +1, [tight[0], None, tight[2]]).word == "inconclusive"  # no noise estimate at a point
+
+
+def test_the_slope_test_is_ordinary_least_squares_when_the_points_share_their_noise():
+    x, y, se = [1.0, 2.0, 4.0, 8.0], [0.3, 0.1, 0.4, 0.9], 0.2
+    b, (lo, hi), p = slope_test(x, y, [(se, 1e9)] * 4)  # ~infinite dof: a z-test
+    fit = np.polyfit(x, y, 1)
+    sxx = sum((xi - np.mean(x)) ** 2 for xi in x)
+    z = fit[0] / (se / sxx**0.5)
+    assert b == pytest.approx(fit[0], rel=1e-12)
+    assert p == pytest.approx(2 * scipy_stats.norm.sf(abs(z)), rel=1e-6)
+    assert hi - b == pytest.approx(scipy_stats.norm.ppf(0.975) * se / sxx**0.5, rel=1e-6)

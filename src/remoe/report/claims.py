@@ -4,6 +4,7 @@ on, so a reader can judge it at this scale."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pandas as pd
@@ -35,7 +36,22 @@ def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dic
     gap = lambda g: g.topk["val_loss"].mean() - g.remoe["val_loss"].mean()  # noqa: E731
     lines = [f"{g.setting}: topk {_ms(g.topk['val_loss'])}, remoe {_ms(g.remoe['val_loss'])}, topk − remoe = "
              f"{gap(g):+.4f}: {g.verdict}" for g in found]
-    return all_of([g.verdict for g in found], "settings"), lines, {g.value: gap(g) for g in one_per_value(found)}
+    return all_of([g.verdict for g in found], "settings"), lines, \
+        {g.value: (gap(g), _noise(g)) for g in one_per_value(found)}
+
+
+def _noise(g) -> tuple[float, float] | None:
+    """(standard error, degrees of freedom) of a gap's TopK − ReMoE over its seeds: the paired differences'
+    where the runs pair, else Welch's; None with fewer than 2 seeds (a side)."""
+    if g.test.paired:
+        return None if g.test.sd is None or g.test.n < 2 else (g.test.sd / math.sqrt(g.test.n), g.test.n - 1)
+    a, b = g.topk["val_loss"].dropna(), g.remoe["val_loss"].dropna()
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return None
+    return math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:
@@ -165,8 +181,9 @@ def claims(df: pd.DataFrame, roots: list[str]) -> str:
     if len(gaps) >= 2:
         es = sorted(gaps)
         out += [f"- The ReMoE advantage grows with E (paper: +0.010 at E=4 to +0.037 at E=128): "
-                f"{trend(es, [gaps[e] for e in es], +1)} — gaps "
-                + ", ".join(f"E={e:g}: {gaps[e]:+.4f}" for e in es) + "."]
+                f"{trend([math.log2(e) for e in es], [gaps[e][0] for e in es], +1, [gaps[e][1] for e in es])}"
+                " (x = log2 E: the slope is per doubling of E) — gaps "
+                + ", ".join(f"E={e:g}: {gaps[e][0]:+.4f}" for e in es) + "."]
     remoe = df[df["model"] == "remoe"]
     if len(remoe):
         runs = remoe[_standard(remoe, "remoe")]

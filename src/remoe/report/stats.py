@@ -36,7 +36,10 @@ with {POWER:.0%} power at p < {P} (noncentral t), so an inconclusive verdict say
 have missed; where the paper reports an effect at that point, the seeds that would detect it. A trend "y falls
 (rises) with x" *holds* when at least {TREND_PAIRS:.0%} of adjacent steps move that way and Spearman ρ has
 that sign with |ρ| ≥ {TREND_RHO}, *does not hold* when the same is true the other way, and is inconclusive
-otherwise (fewer than 3 points included). A table row pools only runs that differ in nothing but the seed
+otherwise (fewer than 3 points included); where each point is a mean over seeds (ReMoE − TopK against E),
+the least-squares slope over the points must also differ from zero at p < {P} in that direction, its variance
+from each point's standard error over seeds (Welch–Satterthwaite degrees of freedom), or the trend is
+inconclusive. A table row pools only runs that differ in nothing but the seed
 (every field of a setting's identity in `train.record.RunSummary`); mean ± sample std over seeds, n = seeds. The
 *regime check* (can this scale rank routing methods?) asks more: Dense×8 < TopK < Dense with each gap above
 {REGIME_SIGMAS:g}× the larger of the two sides' seed standard deviations, at least 3 seeds a side; the claims
@@ -212,22 +215,55 @@ def clear_gap(a: pd.Series, b: pd.Series, min_seeds: int = 3) -> Verdict:
     return Verdict("inconclusive", detail + ": within noise")
 
 
-def trend(x: list[float], y: list[float], sign: int) -> Verdict:
-    """The claim: y moves with sign `sign` (+1 rises, -1 falls) as x grows. x sorted ascending."""
-    pts = [(xi, yi) for xi, yi in zip(x, y)
+def trend(x: list[float], y: list[float], sign: int, noise: list[tuple[float, float] | None] | None = None) -> Verdict:
+    """The claim: y moves with sign `sign` (+1 rises, -1 falls) as x grows. x sorted ascending.
+
+    noise: where each y is a mean over seeds, its (standard error, degrees of freedom). Then the ranks are not
+    enough: the least-squares slope of y on x must also differ from 0 beyond seed noise (slope_test), in the
+    claimed direction to hold, the other way to not hold; without a noise estimate at every point such a trend
+    is inconclusive."""
+    pts = [(xi, yi, ni) for xi, yi, ni in zip(x, y, noise or [None] * len(x))
            if yi is not None and not (isinstance(yi, float) and math.isnan(yi))]
     if len(pts) < 3:
         return Verdict("inconclusive", f"{len(pts)} points: fewer than 3")
-    xs, ys = zip(*sorted(pts))
+    xs, ys, ns = zip(*sorted(pts, key=lambda t: t[0]))
     steps = np.sign(np.diff(ys))
     rho = float(stats.spearmanr(xs, ys).statistic)
     share_with, share_against = float((steps == sign).mean()), float((steps == -sign).mean())
     detail = f"Spearman ρ {rho:+.2f}, {share_with:.0%} of adjacent steps the claimed way"
-    if share_with >= TREND_PAIRS and rho * sign >= TREND_RHO:
+    ranks = 1 if share_with >= TREND_PAIRS and rho * sign >= TREND_RHO else \
+        -1 if share_against >= TREND_PAIRS and -rho * sign >= TREND_RHO else 0
+    slope = 0
+    if noise is not None:
+        if any(n is None for n in ns):
+            return Verdict("inconclusive", detail + "; a point without a seed-noise estimate (fewer than 2 seeds)")
+        b, (lo, hi), p = slope_test(list(xs), list(ys), list(ns))
+        detail += f"; slope {b:+.4f} per unit of x, {1 - P:.0%} CI [{lo:+.4f}, {hi:+.4f}], p={p:.3g} over the seeds"
+        slope = int(np.sign(b)) * sign if p < P else 0
+        if not slope:
+            detail += f" (p ≥ {P}: within noise)"
+    if ranks == 1 and (noise is None or slope == 1):
         return Verdict("holds", detail)
-    if share_against >= TREND_PAIRS and -rho * sign >= TREND_RHO:
+    if ranks == -1 and (noise is None or slope == -1):
         return Verdict("does not hold", detail)
     return Verdict("inconclusive", detail)
+
+
+def slope_test(x: list[float], y: list[float], noise: list[tuple[float, float]]) -> tuple[float, tuple[float, float], float]:
+    """The least-squares slope of y on x, where each y_i is a mean with standard error se_i on dof_i degrees of
+    freedom (noise): a linear contrast b = Σ c_i y_i, c_i = (x_i − x̄) / Σ (x − x̄)², with variance
+    Σ c_i² se_i² and Welch–Satterthwaite degrees of freedom. Returns (b, its two-sided (1 − P) CI, p)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    se, dof = (np.asarray(v, float) for v in zip(*noise))
+    c = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
+    parts = c**2 * se**2
+    var = parts.sum()
+    b = float(c @ y)
+    if var <= 0:
+        return b, (b, b), 0.0 if b else 1.0
+    df = var**2 / (parts**2 / dof).sum()
+    half = float(stats.t.ppf(1 - P / 2, df) * math.sqrt(var))
+    return b, (b - half, b + half), float(2 * stats.t.sf(abs(b) / math.sqrt(var), df))
 
 
 def all_of(verdicts: list[Verdict], what: str) -> Verdict:
