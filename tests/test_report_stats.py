@@ -471,3 +471,17 @@ def test_the_slope_test_is_ordinary_least_squares_when_the_points_share_their_no
     assert b == pytest.approx(fit[0], rel=1e-12)
     assert p == pytest.approx(2 * scipy_stats.norm.sf(abs(z)), rel=1e-6)
     assert hi - b == pytest.approx(scipy_stats.norm.ppf(0.975) * se / sxx**0.5, rel=1e-6)
+
+
+def test_a_comparison_carries_its_standard_error_and_degrees_of_freedom():
+    """The trend's noise per point comes from the point's own test: paired sd/√n on n − 1, Welch's otherwise."""
+    from remoe.report.stats import t_test
+
+    a, b = pd.Series([4.50, 4.53, 4.52], index=[1, 2, 3]), pd.Series([4.60, 4.62, 4.66], index=[1, 2, 3])
+    c = t_test(a, b)
+    assert c.paired and c.df == 2 and c.se == pytest.approx(np.std(a - b, ddof=1) / 3**0.5, rel=1e-9)
+    w = pd.Series([4.45, 4.70, 4.55, 4.61], index=[4, 5, 6, 7])
+    c = t_test(a, w)
+    va, vb = a.var(ddof=1) / 3, w.var(ddof=1) / 4
+    assert not c.paired and c.se == pytest.approx((va + vb) ** 0.5, rel=1e-9)
+    assert c.df == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 3), rel=1e-9)

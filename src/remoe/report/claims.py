@@ -31,27 +31,14 @@ def _f3(v) -> str:
 def _remoe_vs_topk(df: pd.DataFrame, axis: str) -> tuple[Verdict, list[str], dict]:
     """ReMoE's val loss below TopK's at each value of `axis` (gaps.remoe_vs_topk: one family of tests,
     Holm-adjusted); each line names its test, raw and adjusted p, the MDE and the seeds the paper's effect
-    at that point would need. gaps: TopK − ReMoE per axis value that has one setting (the trend's points)."""
+    at that point would need. gaps: per axis value that has one setting (the trend's points), TopK − ReMoE and
+    its (standard error, degrees of freedom) under the test, None where untestable."""
     found = remoe_vs_topk(df, axis)
     gap = lambda g: g.topk["val_loss"].mean() - g.remoe["val_loss"].mean()  # noqa: E731
     lines = [f"{g.setting}: topk {_ms(g.topk['val_loss'])}, remoe {_ms(g.remoe['val_loss'])}, topk − remoe = "
              f"{gap(g):+.4f}: {g.verdict}" for g in found]
     return all_of([g.verdict for g in found], "settings"), lines, \
-        {g.value: (gap(g), _noise(g)) for g in one_per_value(found)}
-
-
-def _noise(g) -> tuple[float, float] | None:
-    """(standard error, degrees of freedom) of a gap's TopK − ReMoE over its seeds: the paired differences'
-    where the runs pair, else Welch's; None with fewer than 2 seeds (a side)."""
-    if g.test.paired:
-        return None if g.test.sd is None or g.test.n < 2 else (g.test.sd / math.sqrt(g.test.n), g.test.n - 1)
-    a, b = g.topk["val_loss"].dropna(), g.remoe["val_loss"].dropna()
-    if len(a) < 2 or len(b) < 2:
-        return None
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
-        return None
-    return math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        {g.value: (gap(g), None if g.test.se is None else (g.test.se, g.test.df)) for g in one_per_value(found)}
 
 
 def _inactive_claim(df: pd.DataFrame) -> list[str]:

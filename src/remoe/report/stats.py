@@ -122,6 +122,8 @@ class Comparison:
     paired: bool = False
     note: str = ""  # why untestable (fewer than 2 seeds, no variance)
     ci: tuple[float, float] | None = None  # the difference's two-sided (1 − P) confidence interval, same test
+    se: float | None = None  # the difference's standard error under the same test
+    df: float | None = None  # its degrees of freedom (n − 1 paired; Welch–Satterthwaite otherwise)
 
     @property
     def mde(self) -> float | None:
@@ -174,8 +176,10 @@ def t_test(a: pd.Series, b: pd.Series) -> Comparison:
     else:
         res = stats.ttest_ind(a.to_numpy(), b.to_numpy(), equal_var=False)
         test = f"Welch's t-test, n={len(a)} vs {len(b)}" + _why_unpaired(a.index, b.index)
-    ci = res.confidence_interval(1 - P)
-    return Comparison(diff, float(res.pvalue), test, len(a), len(b), sd, paired, ci=(float(ci.low), float(ci.high)))
+    ci, df = res.confidence_interval(1 - P), float(res.df)
+    se = float((ci.high - ci.low) / 2 / stats.t.ppf(1 - P / 2, df))
+    return Comparison(diff, float(res.pvalue), test, len(a), len(b), sd, paired, ci=(float(ci.low), float(ci.high)),
+                      se=se, df=df)
 
 
 def _why_unpaired(ia: pd.Index, ib: pd.Index) -> str:
